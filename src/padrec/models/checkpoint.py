@@ -1,0 +1,102 @@
+"""Atomic, verified checkpoints: HF `save_pretrained` (safetensors + config.json) plus padrec.json.
+
+A checkpoint folder is written next to its final place and renamed into it, so a crash never leaves
+a half-written folder behind. padrec.json records the sha256 of every weight file and the fingerprint
+of the semantic-ID table the model was trained for; loading checks both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from padrec import PadrecError
+
+META = "padrec.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def replace_dir_atomically(tmp: Path, final: Path) -> None:
+    """Swap a fully written temp folder into place. The old folder is removed only after the rename."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{tmp.name}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, path: Path, meta: dict, extra_tensors: dict[str, object] | None = None) -> None:
+    """Write `model` (and optionally a torch-saved training state) to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if extra_tensors is not None:
+            torch.save(extra_tensors, tmp / "train_state.pt")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
+        replace_dir_atomically(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if not (path / META).is_file():
+        raise PadrecError(f"no checkpoint at {path} (missing {META})")
+    try:
+        return json.loads((path / META).read_text())
+    except json.JSONDecodeError as e:
+        raise PadrecError(f"checkpoint metadata {path / META} is corrupt: {e}") from e
+
+
+def verify_files(path: Path, meta: dict) -> None:
+    for name, digest in meta.get("files", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise PadrecError(f"checkpoint {path} is incomplete: {name} is missing")
+        if _sha256(f) != digest:
+            raise PadrecError(f"checkpoint {path} is corrupt: {name} does not match its recorded sha256 (truncated?)")
+
+
+def load_checkpoint(path: Path, expect: dict | None = None):
+    """Load a verified model; `expect` maps metadata keys (e.g. sid_fingerprint) to required values."""
+    path = Path(path)
+    meta = read_meta(path)
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise PadrecError(
+                f"checkpoint {path} was made for {key}={meta.get(key)!r}, but this run has {value!r} "
+                "(a checkpoint from another tokenizer or vocabulary?)"
+            )
+    verify_files(path, meta)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # HF raises many types for a broken folder
+        raise PadrecError(f"cannot load checkpoint {path}: {e}") from e
+    model.eval()
+    return model, meta
+
+
+def load_train_state(path: Path) -> dict | None:
+    f = Path(path) / "train_state.pt"
+    if not f.is_file():
+        return None
+    return torch.load(f, weights_only=True)

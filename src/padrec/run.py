@@ -1,0 +1,94 @@
+"""A run directory: everything one trained recommender needs, in one folder.
+
+    runs/<name>/
+      run.json          dataset, tokenizer settings, SID fingerprint, max history
+      sids.json         item -> semantic ID table (with its own fingerprint)
+      target/           best target checkpoint (safetensors + config.json + padrec.json)
+      target_last/      latest epoch's checkpoint + train_state.pt, for resuming
+      train_history.json, results/ ...
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from padrec import PadrecError
+from padrec.data.dataset import Dataset, load_dataset
+from padrec.tokenizer.semantic_ids import SemanticIDs, atomic_write_text
+
+
+@dataclass
+class RunInfo:
+    dataset: str
+    tokenizer: dict
+    sid_fingerprint: str
+    max_history: int = 20
+    extra: dict = field(default_factory=dict)
+
+
+class Run:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not (self.path / "run.json").is_file():
+            raise PadrecError(f"{self.path} is not a padrec run directory (no run.json); create one with `padrec tokenize`")
+        try:
+            self.info = RunInfo(**json.loads((self.path / "run.json").read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise PadrecError(f"{self.path / 'run.json'} is corrupt: {e}") from e
+
+    @classmethod
+    def create(cls, path: Path | str, dataset: str, tokenizer: dict, sids: SemanticIDs, max_history: int = 20) -> "Run":
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sids.save(path / "sids.json")
+        info = RunInfo(dataset=dataset, tokenizer=tokenizer, sid_fingerprint=sids.fingerprint(), max_history=max_history)
+        atomic_write_text(path / "run.json", json.dumps(info.__dict__, indent=2))
+        return cls(path)
+
+    def save_info(self) -> None:
+        atomic_write_text(self.path / "run.json", json.dumps(self.info.__dict__, indent=2))
+
+    @cached_property
+    def sids(self) -> SemanticIDs:
+        sids = SemanticIDs.load(self.path / "sids.json")
+        if sids.fingerprint() != self.info.sid_fingerprint:
+            raise PadrecError(f"{self.path / 'sids.json'} does not belong to this run (fingerprint mismatch)")
+        return sids
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        ds = load_dataset(self.info.dataset)
+        if ds.num_items != self.sids.num_items:
+            raise PadrecError(
+                f"dataset {ds.name!r} has {ds.num_items} items but the run's tokenizer covers {self.sids.num_items}"
+            )
+        return ds
+
+    @property
+    def target_dir(self) -> Path:
+        return self.path / "target"
+
+    @property
+    def target_last_dir(self) -> Path:
+        return self.path / "target_last"
+
+    def checkpoint_identity(self) -> dict:
+        """Metadata a target checkpoint must carry to be used with this run."""
+        return {"sid_fingerprint": self.info.sid_fingerprint, "vocab_size": self.sids.vocab.size}
+
+    def load_target(self):
+        from padrec.models.checkpoint import load_checkpoint
+
+        if not self.target_dir.exists():
+            raise PadrecError(f"run {self.path} has no trained target yet; run `padrec train-target --run {self.path}`")
+        model, _ = load_checkpoint(self.target_dir, expect=self.checkpoint_identity())
+        return model
+
+    @property
+    def results_dir(self) -> Path:
+        d = self.path / "results"
+        d.mkdir(exist_ok=True)
+        return d

@@ -1,0 +1,20 @@
+"""Console output shared by the CLI: one rich console, tables from lists of dicts."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def table(rows: list[dict], title: str | None = None, floats: str = "{:.4f}") -> Table:
+    t = Table(title=title)
+    if not rows:
+        return t
+    cols = list(rows[0].keys())
+    for c in cols:
+        t.add_column(str(c), justify="right" if isinstance(rows[0][c], (int, float)) else "left")
+    for r in rows:
+        t.add_row(*(floats.format(v) if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v) for v in (r.get(c, "") for c in cols)))
+    return t
