@@ -1,0 +1,5 @@
+import sys
+
+from padrec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""A small Python API: load a trained run and recommend for raw item-id histories.
+
+    from padrec.api import Recommender
+    rec = Recommender("runs/demo")
+    rec.recommend(["1955", "28"], k=10, mode="beam")   # -> [{"item": ..., "title": ..., "score": ...}, ...]
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from padrec import PadrecError
+from padrec.decoding.autoregressive import generate_list
+from padrec.decoding.beam import beam_search_items
+from padrec.decoding.trie import ItemTrie
+from padrec.evaluation.evaluate import RankConfig
+from padrec.run import Run
+from padrec.training.sequences import items_to_tokens
+
+
+class Recommender:
+    def __init__(self, run_dir: str | Path, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.run = Run(run_dir)
+        self.model = self.run.load_target()
+        self.trie = ItemTrie(self.run.sids.all_item_tokens())
+
+    @cached_property
+    def _dense_of_raw(self) -> dict[str, int]:
+        return {str(it.raw_id): it.id for it in self.run.dataset.items}
+
+    def to_dense(self, raw_history) -> list[int]:
+        """Map the dataset's own item ids to dense ids, naming any unknown id."""
+        if not raw_history:
+            raise PadrecError("empty history: at least one item id is needed")
+        out, unknown = [], []
+        for raw in raw_history:
+            dense = self._dense_of_raw.get(str(raw))
+            (unknown.append(raw) if dense is None else out.append(dense))
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10]))
+            raise PadrecError(f"unknown item id(s) for dataset {self.run.info.dataset!r}: {shown}")
+        return out
+
+    def recommend_dense(self, history: list[int], cfg: RankConfig) -> tuple[list[int], list[float] | None]:
+        if cfg.list_length > self.trie.num_items:
+            raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
+        prompt = items_to_tokens(history[-self.run.info.max_history:], self.run.sids)
+        with torch.inference_mode():
+            if cfg.mode == "beam":
+                res = beam_search_items(self.model, prompt, self.trie, cfg.beam_size, cfg.beam_size,
+                                        history if cfg.exclude_history else ())
+                return res.items, res.scores
+            res = generate_list(self.model, prompt, self.trie, cfg.generation_config(), history=history)
+            return res.items, None
+
+    def recommend(self, raw_history, k: int = 10, mode: str = "beam", **kw) -> list[dict]:
+        if k < 1:
+            raise PadrecError(f"k must be >= 1, got {k}")
+        cfg = RankConfig(mode=mode, beam_size=max(k, kw.pop("beam_size", k)), n_items=k, **kw)
+        items, scores = self.recommend_dense(self.to_dense(raw_history), cfg)
+        ds = self.run.dataset
+        return [
+            {"item": ds.items[i].raw_id, "title": ds.items[i].title, **({"score": scores[r]} if scores else {})}
+            for r, i in enumerate(items[:k])
+        ]

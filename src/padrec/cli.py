@@ -1,0 +1,229 @@
+"""The `padrec` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from padrec import PadrecError
+
+
+def _rank_args(p: argparse.ArgumentParser, modes_default: str) -> None:
+    p.add_argument("--mode", default=modes_default, help="beam, list, or both (comma separated)")
+    p.add_argument("--beam-size", type=int, default=20, help="beam width; beam mode returns this many items")
+    p.add_argument("--n-items", type=int, default=10, help="items generated in list mode")
+    p.add_argument("--sample", action="store_true", help="list mode: sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _rank_configs(a) -> list:
+    from padrec.evaluation.evaluate import RankConfig
+
+    modes = [m.strip() for m in a.mode.split(",")] if a.mode != "both" else ["beam", "list"]
+    return [
+        RankConfig(mode=m, beam_size=a.beam_size, n_items=a.n_items, do_sample=a.sample, temperature=a.temperature,
+                   top_k=a.top_k, top_p=a.top_p, exclude_history=a.exclude_history, batch_size=a.batch_size)
+        for m in modes
+    ]
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sids", "--method", dest="method", default="rq-kmeans",
+                   choices=["rq-kmeans", "rq-vae", "provided"], help="how items get semantic IDs")
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--codebook-size", type=int, default=256)
+    p.add_argument("--vocab", default="per_level", choices=["per_level", "shared"], help="token layout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-history", type=int, default=20)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", help="tiny, small, medium, large")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--time-budget-min", type=float, default=None, help="stop after the epoch that crosses it")
+    p.add_argument("--base-model", default=None, help="a local HF causal-LM checkpoint to fine-tune")
+    p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run exists")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-seed", type=int, default=0)
+
+
+def _train_config(a):
+    from padrec.training.target_trainer import TrainConfig
+
+    return TrainConfig(preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
+                       time_budget_min=a.time_budget_min, base_model=a.base_model, threads=a.threads,
+                       seed=a.train_seed)
+
+
+def _tokenizer_config(a):
+    from padrec.tokenizer.build import TokenizerConfig
+
+    return TokenizerConfig(method=a.method, levels=a.levels, codebook_size=a.codebook_size, layout=a.vocab,
+                           seed=a.seed)
+
+
+def cmd_data(a) -> None:
+    from padrec.data.dataset import list_datasets, load_dataset
+    from padrec.ui import console, table
+
+    if a.data_cmd == "list":
+        names = list_datasets()
+        console.print(table([load_dataset(n).stats() for n in names], title="datasets"))
+    elif a.data_cmd == "stats":
+        s = load_dataset(a.name).stats()
+        console.print(table([{"statistic": k, "value": v} for k, v in s.items()], title=a.name))
+    elif a.data_cmd == "import":
+        from padrec.data.importer import import_dataset
+
+        path = import_dataset(a.name, Path(a.interactions), Path(a.items), split=a.split, overwrite=a.overwrite)
+        console.print(f"imported {a.name!r} into {path}")
+        s = load_dataset(a.name).stats()
+        console.print(table([{"statistic": k, "value": v} for k, v in s.items()], title=a.name))
+
+
+def cmd_tokenize(a) -> None:
+    from padrec.pipeline import tokenize
+    from padrec.ui import console
+
+    run = tokenize(Path(a.run), a.dataset, _tokenizer_config(a), a.max_history)
+    console.print(f"run directory: {run.path}")
+
+
+def cmd_train_target(a) -> None:
+    from padrec.pipeline import plot_training_curve
+    from padrec.run import Run
+    from padrec.training.target_trainer import train_target
+    from padrec.ui import console, table
+
+    run = Run(a.run)
+    out = train_target(run, _train_config(a), resume=not a.no_resume)
+    console.print(table([{k: v for k, v in h.items() if k != "improved"} for h in out["history"]],
+                        title=f"target training ({out['n_params'] / 1e6:.1f}M parameters)"))
+    png = plot_training_curve(run)
+    console.print(f"best checkpoint: {run.target_dir}" + (f"; curve: {png}" if png else ""))
+
+
+def cmd_evaluate(a) -> None:
+    import torch
+
+    from padrec.pipeline import evaluate
+    from padrec.run import Run
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    evaluate(Run(a.run), a.split, _rank_configs(a), limit=a.limit)
+
+
+def cmd_recommend(a) -> None:
+    from padrec.api import Recommender
+    from padrec.evaluation.evaluate import rank_histories
+    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.ui import console, table
+
+    rec = Recommender(a.run, threads=a.threads)
+    cfg = _rank_configs(a)[0]
+    if a.history:
+        rows = rec.recommend(a.history.split(","), k=cfg.list_length, mode=cfg.mode, beam_size=cfg.beam_size,
+                             exclude_history=cfg.exclude_history)
+        console.print(table(rows, title="recommendations"))
+        return
+    if not a.out:
+        raise PadrecError("give --out FILE (to rank the users of a split) or --history ID,ID,...")
+    cases = rec.run.dataset.eval_cases(a.dataset_split, max_history=rec.run.info.max_history)
+    if a.limit:
+        cases = cases[: a.limit]
+    rankings = rank_histories(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg)
+    items = rec.run.dataset.items
+    lines = [json.dumps({"user": c.user, "items": [items[i].raw_id for i in r]}) for c, r in zip(cases, rankings)]
+    atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
+    console.print(f"wrote {len(lines)} users' {cfg.mode} lists to {a.out}")
+
+
+def cmd_demo(a) -> None:
+    from padrec.demo import run_demo
+
+    run_demo(Path(a.out), dataset=a.dataset, preset=a.preset, time_budget_min=a.time_budget_min, quick=a.quick,
+             threads=a.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="padrec", description="Fast LLM-based generative recommendation.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("data", help="bundled and imported datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    dsub.add_parser("list", help="list datasets with their counts")
+    q = dsub.add_parser("stats", help="users, items, interactions, split sizes")
+    q.add_argument("name")
+    q = dsub.add_parser("import", help="import your own interactions + items files")
+    q.add_argument("--name", required=True)
+    q.add_argument("--interactions", required=True, help="CSV or JSONL: user,item,timestamp|order")
+    q.add_argument("--items", required=True, help="CSV or JSONL: id,title[,categories,brand,description]")
+    q.add_argument("--split", default="loo", choices=["loo", "time"])
+    q.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tokenize", help="build semantic IDs for a dataset into a new run directory")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--run", required=True, help="run directory to create")
+    _tokenizer_args(p)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train-target", help="train (or resume) the run's target LM")
+    p.add_argument("--run", required=True)
+    _train_args(p)
+    p.set_defaults(func=cmd_train_target)
+
+    p = sub.add_parser("evaluate", help="Recall/NDCG@K of the run's target on a split")
+    p.add_argument("--run", required=True)
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N users")
+    _rank_args(p, "both")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="ranked lists as JSONL for a split's users, or for one --history")
+    p.add_argument("--run", required=True)
+    p.add_argument("--dataset-split", default="test", choices=["valid", "test"])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--history", default=None, help="comma-separated item ids (the dataset's own ids)")
+    _rank_args(p, "beam")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("demo", help="the main job: tokenize, train, evaluate on the default dataset")
+    p.add_argument("--dataset", default="beauty")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--time-budget-min", type=float, default=None, help="training time budget")
+    p.add_argument("--quick", action="store_true", help="a ~2 minute version (tiny budget, 500 test users)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PadrecError as e:
+        print(f"padrec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("padrec: interrupted (checkpoints written so far are intact; rerun to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

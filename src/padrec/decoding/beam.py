@@ -1,0 +1,272 @@
+"""Constrained beam search over one item's L SID tokens: the top-K next items for a prompt.
+
+Scoring: an item's score is the sum over its L levels of the log-probability of its token under the *constrained*
+next-token distribution, i.e. the log-softmax of the logits restricted to the allowed tokens (children of the node
+that lead to a non-excluded item) - `apply_logits_processing` with greedy settings. A forced step (a single
+allowed token) therefore adds exactly 0, and the scores of all non-excluded items form a proper distribution
+(they sum, in probability, to 1). Ranking: stable order by (-score, SID token tuple), so ties break on the
+lexicographically smaller SID, deterministically, in every implementation here.
+
+`beam_search_items` / `beam_search_items_batch` prefill each prompt once, then expand the KV cache to the beams
+with `Cache.reorder_cache(index)` (an index_select on the batch dimension of every layer; an index with repeats
+both expands and reorders). A level at which every beam is forced makes no model call: its tokens are fed with the
+next call. So the prompt costs one forward and each level at most one more (L-1 at most after the prefill).
+`beam_search_reference` is an independent cache-free beam search (full forward of prompt + prefix per level),
+and `enumerate_items_reference` scores every item exhaustively; both are for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from padrec import PadrecError
+from padrec.decoding.autoregressive import (
+    GenerationConfig,
+    _check_prompt,
+    _device_of,
+    apply_logits_processing,
+    check_finite,
+    model_forward,
+    new_cache,
+)
+from padrec.decoding.trie import ItemTrie, ListConstraint
+from padrec.tokenizer.vocab import PAD
+
+__all__ = [
+    "BeamResult",
+    "beam_search_items",
+    "beam_search_items_batch",
+    "beam_search_reference",
+    "enumerate_items_reference",
+]
+
+_GREEDY = GenerationConfig(n_items=1)  # constraint only: log-softmax over the allowed tokens
+
+
+@dataclass
+class BeamResult:
+    items: list[int]  # top-k item ids, best first
+    scores: list[float]  # their summed constrained log-probabilities
+    model_calls: int  # forward passes (for a batched result: of the whole batch)
+
+
+def _check(beam_size: int, top_k: int) -> None:
+    if beam_size < 1 or top_k < 1:
+        raise PadrecError(f"beam_size and top_k must be >= 1, got {beam_size} and {top_k}")
+
+
+def _exclusion(trie: ItemTrie, exclude_items: Iterable[int]) -> ListConstraint:
+    cons = ListConstraint(trie, exclude_items, no_duplicates=False)
+    if cons.remaining_items == 0:
+        raise PadrecError("beam search has nothing to rank: every catalogue item is excluded")
+    return cons
+
+
+class _Beam:
+    __slots__ = ("score", "seq", "node", "crow", "extra")
+
+    def __init__(self, score, seq, node, crow, extra):
+        self.score = score  # float (python double)
+        self.seq = seq  # SID tokens so far
+        self.node = node  # trie node of seq
+        self.crow = crow  # cache row holding this beam's fed prefix
+        self.extra = extra  # tokens of seq not fed to the model yet
+
+
+def beam_search_items(
+    model,
+    prompt_tokens: Sequence[int],
+    trie: ItemTrie,
+    beam_size: int = 20,
+    top_k: int = 10,
+    exclude_items: Iterable[int] = (),
+) -> BeamResult:
+    """Top-`top_k` next items of one prompt by constrained beam search with KV cache (prompt prefilled once)."""
+    return beam_search_items_batch(model, [prompt_tokens], trie, beam_size, top_k, batch_size=1,
+                                   exclude_items=[list(exclude_items)])[0]
+
+
+def beam_search_items_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    trie: ItemTrie,
+    beam_size: int = 20,
+    top_k: int = 10,
+    batch_size: int = 64,
+    exclude_items: Sequence[Iterable[int]] | None = None,
+) -> list[BeamResult]:
+    """`beam_search_items` over many prompts (left padding, explicit position_ids); results in input order."""
+    _check(beam_size, top_k)
+    if batch_size < 1:
+        raise PadrecError(f"batch_size must be >= 1, got {batch_size}")
+    if exclude_items is not None and len(exclude_items) != len(prompts):
+        raise PadrecError(f"{len(exclude_items)} exclusion lists for {len(prompts)} prompts")
+    prompts = [_check_prompt(p) for p in prompts]
+    excl = [list(e) for e in exclude_items] if exclude_items is not None else [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[BeamResult | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        res = _beam_chunk(model, [prompts[i] for i in idx], trie, beam_size, top_k, [excl[i] for i in idx])
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def _select(cands: torch.Tensor, beams: list[_Beam], vocab: int, k: int) -> list[tuple[float, tuple, int, int]]:
+    """Best `k` of the flat candidate scores [nb * V] (-inf = not allowed) by (-score, token tuple).
+
+    topk finds the k-th best score; every candidate scoring at least that (ties included) is then sorted in
+    Python by the exact key, so the tie-break does not depend on topk's internal order."""
+    n_fin = int(torch.isfinite(cands).sum())
+    k = min(k, n_fin)
+    thr = torch.topk(cands, k).values[-1]
+    sel = (cands >= thr).nonzero().squeeze(1).tolist()
+    vals = cands[sel].tolist()
+    picked = []
+    for flat, score in zip(sel, vals):
+        b, tok = divmod(flat, vocab)
+        picked.append((score, beams[b].seq + (tok,), b, tok))
+    picked.sort(key=lambda c: (-c[0], c[1]))
+    return picked[:k]
+
+
+def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> list[BeamResult]:
+    dev = _device_of(model)
+    nprompt = len(prompts)
+    cons = [_exclusion(trie, e) for e in excludes]
+    width = max(len(p) for p in prompts)
+    base_ids = torch.full((nprompt, width), PAD, dtype=torch.long)
+    base_mask = torch.zeros((nprompt, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        base_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        base_mask[r, width - len(p) :] = 1
+    base_ids, base_mask = base_ids.to(dev), base_mask.to(dev)
+    base_pos = (base_mask.cumsum(-1) - 1).clamp_(min=0)
+    next_pos = base_pos[:, -1:] + 1
+    fed_mask = base_mask[:, :0]
+    beams: list[list[_Beam]] = [[_Beam(0.0, (), 0, r, ())] for r in range(nprompt)]
+    calls = 0
+    vocab = None
+    logits = None
+    with torch.inference_mode():
+        cache = new_cache(model)
+        for _level in range(trie.levels):
+            flat_beams = [b for bs in beams for b in bs]
+            allowed = [cons[p].children_allowed(b.node) for p, bs in enumerate(beams) for b in bs]
+            all_forced = all(len(a[0]) == 1 for a in allowed)
+            if not all_forced:
+                idx = torch.tensor([b.crow for b in flat_beams], dtype=torch.long, device=dev)
+                cache.reorder_cache(idx)
+                fed_mask, base_ids, base_mask, base_pos, next_pos = (
+                    t.index_select(0, idx) for t in (fed_mask, base_ids, base_mask, base_pos, next_pos)
+                )
+                k = len(flat_beams[0].extra)
+                ext = torch.tensor([b.extra for b in flat_beams], dtype=torch.long, device=dev).reshape(len(flat_beams), k)
+                ids = torch.cat([base_ids, ext], dim=1)
+                step_mask = torch.cat([base_mask, torch.ones_like(ext)], dim=1)
+                pos = torch.cat([base_pos, next_pos + torch.arange(k, device=dev)], dim=1)
+                fed_mask = torch.cat([fed_mask, step_mask], dim=1)
+                logits, cache = model_forward(model, ids, cache, fed_mask, pos)
+                logits = check_finite(logits[:, -1])
+                calls += 1
+                vocab = logits.shape[-1]
+                base_ids, base_mask, base_pos = ids[:, :0], step_mask[:, :0], pos[:, :0]
+                next_pos = next_pos + k
+                for i, b in enumerate(flat_beams):
+                    b.crow, b.extra = i, ()
+                flat = torch.cat([a[1] + i * vocab for i, a in enumerate(allowed)]).to(dev)
+                amask = torch.zeros(len(flat_beams) * vocab, dtype=torch.bool, device=dev)
+                amask[flat] = True
+                logp = apply_logits_processing(logits, amask.view(-1, vocab), _GREEDY).double()
+                scores = torch.tensor([b.score for b in flat_beams], dtype=torch.float64, device=dev)
+                cand = (logp + scores[:, None]).view(-1)
+            new_beams = []
+            row = 0
+            for p, bs in enumerate(beams):
+                if all_forced:
+                    picked = [(b.score, b.seq + (a[0][0],), j, a[0][0]) for j, (b, a) in
+                              enumerate(zip(bs, allowed[row : row + len(bs)]))]
+                else:
+                    picked = _select(cand[row * vocab : (row + len(bs)) * vocab], bs, vocab, beam_size)
+                nxt = []
+                for score, seq, j, tok in picked:
+                    parent = bs[j]
+                    nxt.append(_Beam(score, seq, trie.child_of[parent.node][tok], parent.crow, parent.extra + (tok,)))
+                new_beams.append(nxt)
+                row += len(bs)
+            beams = new_beams
+    results = []
+    for bs in beams:
+        top = bs[:top_k]
+        results.append(BeamResult([trie.leaf_item[b.node] for b in top], [b.score for b in top], calls))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------
+# references for tests
+# ------------------------------------------------------------------------------------------------------------
+def _full_logits(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Next-token logits after each of several equal-length sequences, full forward without a cache."""
+    dev = _device_of(model)
+    out = model(input_ids=torch.tensor(seqs, dtype=torch.long, device=dev), use_cache=False)
+    return out.logits[:, -1]
+
+
+def beam_search_reference(
+    model,
+    prompt_tokens: Sequence[int],
+    trie: ItemTrie,
+    beam_size: int = 20,
+    top_k: int = 10,
+    exclude_items: Iterable[int] = (),
+) -> BeamResult:
+    """Plain beam search without KV cache: each level recomputes a full forward over prompt + prefix per beam."""
+    _check(beam_size, top_k)
+    prompt = _check_prompt(prompt_tokens)
+    cons = _exclusion(trie, exclude_items)
+    beams: list[tuple[float, tuple[int, ...], int]] = [(0.0, (), 0)]
+    calls = 0
+    with torch.inference_mode():
+        for _level in range(trie.levels):
+            logits = _full_logits(model, [prompt + list(seq) for _, seq, _ in beams])
+            calls += 1
+            cands = []
+            for row, (score, seq, node) in enumerate(beams):
+                toks, tensor = cons.children_allowed(node)
+                logp = apply_logits_processing(logits[row], tensor.to(logits.device), _GREEDY).tolist()
+                for tok, lp in zip(toks, logp):
+                    cands.append((score + lp, seq + (tok,), trie.child_of[node][tok]))
+            cands.sort(key=lambda c: (-c[0], c[1]))
+            beams = cands[:beam_size]
+    top = beams[:top_k]
+    return BeamResult([trie.leaf_item[node] for _, _, node in top], [s for s, _, _ in top], calls)
+
+
+def enumerate_items_reference(
+    model, prompt_tokens: Sequence[int], trie: ItemTrie, top_k: int | None = None, exclude_items: Iterable[int] = ()
+) -> BeamResult:
+    """Exhaustive: the constrained log-probability of every non-excluded item, ranked by (-score, SID)."""
+    prompt = _check_prompt(prompt_tokens)
+    cons = _exclusion(trie, exclude_items)
+    dev = _device_of(model)
+    scored = []
+    with torch.inference_mode():
+        for item, toks in enumerate(trie.item_tokens):
+            if item in cons.banned:
+                continue
+            seq = prompt + list(toks)
+            logits = model(input_ids=torch.tensor([seq], device=dev), use_cache=False).logits[0]
+            node, score = 0, 0.0
+            for d, tok in enumerate(toks):
+                allowed, tensor = cons.children_allowed(node)
+                logp = apply_logits_processing(logits[len(prompt) - 1 + d], tensor.to(dev), _GREEDY)
+                score += float(logp[allowed.index(tok)])
+                node = trie.child_of[node][tok]
+            scored.append((score, toks, item))
+    scored.sort(key=lambda c: (-c[0], c[1]))
+    top = scored[: (top_k or len(scored))]
+    return BeamResult([i for _, _, i in top], [s for s, _, _ in top], len(scored))
