@@ -133,8 +133,9 @@ def cmd_recommend(a) -> None:
 
     rec = Recommender(a.run, threads=a.threads)
     cfg = _rank_configs(a)[0]
-    if a.history:
-        rows = rec.recommend(a.history.split(","), k=cfg.list_length, mode=cfg.mode, beam_size=cfg.beam_size,
+    if a.history is not None:
+        history = [h.strip() for h in a.history.split(",") if h.strip()]
+        rows = rec.recommend(history, k=cfg.list_length, mode=cfg.mode, beam_size=cfg.beam_size,
                              exclude_history=cfg.exclude_history)
         console.print(table(rows, title="recommendations"))
         return

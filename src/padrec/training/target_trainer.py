@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from padrec import PadrecError
 from padrec.models.checkpoint import load_checkpoint, load_train_state, read_meta, save_checkpoint
-from padrec.models.target import build_target, preset_dict
+from padrec.models.target import build_target, get_preset, preset_dict
 from padrec.run import Run
 from padrec.tokenizer.semantic_ids import atomic_write_text
 from padrec.training.sequences import collate, length_bucketed_batches, lm_example, next_item_example, training_windows
@@ -71,6 +71,8 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
     """Train (or resume training of) the run's target. Returns the training history."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if not cfg.base_model:
+        get_preset(cfg.preset)  # an unknown preset is the error to report, not a resume mismatch
     ds, sids = run.dataset, run.sids
     max_items = run.info.max_history + 1
     windows = training_windows(ds.train_sequences(), max_items)
