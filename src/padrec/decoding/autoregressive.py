@@ -203,6 +203,19 @@ def make_constraint(trie: ItemTrie, prompt_tokens: Sequence[int], cfg: Generatio
     return cons
 
 
+def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch: ids, attention mask and position ids (0 at each prompt's first real token),
+    so every row's next token sits in the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
+
+
 def _check_prompt(prompt_tokens) -> list[int]:
     prompt = [int(t) for t in prompt_tokens]
     if not prompt:
@@ -321,14 +334,7 @@ def _generate_chunk(model, prompts, trie, cfg, histories, generator) -> list[Gen
     dev = _device_of(model)
     bsz = len(prompts)
     cons = [make_constraint(trie, p, cfg, None if histories is None else histories[r]) for r, p in enumerate(prompts)]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((bsz, width), PAD, dtype=torch.long)
-    mask = torch.zeros((bsz, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p) :] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+    ids, mask, pos = left_pad(prompts, dev)
     next_pos = pos[:, -1:] + 1  # [B, 1]
     total = cfg.n_items * (trie.levels + 1)
     tokens = [[] for _ in range(bsz)]

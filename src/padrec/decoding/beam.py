@@ -29,11 +29,11 @@ from padrec.decoding.autoregressive import (
     _device_of,
     apply_logits_processing,
     check_finite,
+    left_pad,
     model_forward,
     new_cache,
 )
 from padrec.decoding.trie import ItemTrie, ListConstraint
-from padrec.tokenizer.vocab import PAD
 
 __all__ = [
     "BeamResult",
@@ -138,14 +138,7 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
     dev = _device_of(model)
     nprompt = len(prompts)
     cons = [_exclusion(trie, e) for e in excludes]
-    width = max(len(p) for p in prompts)
-    base_ids = torch.full((nprompt, width), PAD, dtype=torch.long)
-    base_mask = torch.zeros((nprompt, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        base_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        base_mask[r, width - len(p) :] = 1
-    base_ids, base_mask = base_ids.to(dev), base_mask.to(dev)
-    base_pos = (base_mask.cumsum(-1) - 1).clamp_(min=0)
+    base_ids, base_mask, base_pos = left_pad(prompts, dev)
     next_pos = base_pos[:, -1:] + 1
     fed_mask = base_mask[:, :0]
     beams: list[list[_Beam]] = [[_Beam(0.0, (), 0, r, ())] for r in range(nprompt)]
