@@ -30,7 +30,9 @@ class TrainConfig:
     warmup_steps: int = 100
     patience: int = 3  # epochs without validation improvement before stopping
     max_valid_cases: int = 3000
-    time_budget_min: float | None = None  # stop after the epoch that crosses this budget
+    # With a budget, the epoch count is planned from the first epoch's duration so the cosine schedule decays
+    # fully within the budget; training also stops after any epoch that crosses it.
+    time_budget_min: float | None = None
     seed: int = 0
     threads: int | None = None
     base_model: str | None = None  # a local HF causal-LM checkpoint to fine-tune instead of a preset
@@ -84,7 +86,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
     valid_examples = [next_item_example(c.history, t, sids) for c in valid_cases for t in c.targets[:1]]
     lengths = [len(ids) for ids, _ in train_examples]
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    planned_epochs = cfg.epochs
 
     identity = {**run.checkpoint_identity(), "train_config": asdict(cfg)}
     state = load_train_state(run.target_last_dir) if resume and run.target_last_dir.exists() else None
@@ -109,6 +111,8 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
     for h in history:  # recount patience so a resumed run stops where an uninterrupted one would
         bad_epochs = 0 if h["improved"] else bad_epochs + 1
     stopped = history[-1].get("stop_reason") if history else None
+    if history:
+        planned_epochs = history[0].get("planned_epochs", cfg.epochs)
     n_params = sum(p.numel() for p in model.parameters())
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -123,7 +127,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
         for b, idx in enumerate(bar):
             step = epoch * steps_per_epoch + b
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total_steps, cfg)
+                g["lr"] = _lr_at(step, steps_per_epoch * planned_epochs, cfg)
             batch = collate([train_examples[i] for i in idx])
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
@@ -140,11 +144,15 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
         improved = vloss < best - 1e-4
         bad_epochs = 0 if improved else bad_epochs + 1
         elapsed = sum(h["seconds"] for h in history) + seconds
+        if epoch == 0 and cfg.time_budget_min is not None:
+            planned_epochs = min(cfg.epochs, max(2, int(cfg.time_budget_min * 60 // seconds)))
         stop_reason = None
         if bad_epochs >= cfg.patience:
             stop_reason = f"no validation improvement for {cfg.patience} epochs"
         elif cfg.time_budget_min is not None and elapsed > cfg.time_budget_min * 60:
             stop_reason = f"time budget of {cfg.time_budget_min} min reached"
+        elif epoch + 1 >= planned_epochs:
+            stop_reason = f"planned {planned_epochs} epochs done"
         entry = {
             "epoch": epoch + 1,
             "train_loss": run_loss / max(1, run_n),
@@ -153,6 +161,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
             "seconds": seconds,
             "tokens_per_s": tokens / seconds,
             "stop_reason": stop_reason,
+            "planned_epochs": planned_epochs,
         }
         history.append(entry)
         if progress:
