@@ -1,0 +1,291 @@
+"""EAGLE-style feature-level draft: one decoder layer over (token embedding, target feature) pairs.
+
+    h      = fuse(x_i, f_{i-1}) = fc([embed(x_i); f_{i-1}])      f_{i-1}: target last hidden state before x_i
+    h      = extra(h, slots, depths, position_ids)               identity here; PAD-Rec adds slot/step embeddings
+    f̂_i    = LlamaDecoderLayer(h)                               the predicted target feature at x_i
+    logits = target_lm_head(f̂_i)                                next-token distribution (frozen copy of the head)
+
+The target features are HF `model.model(...).last_hidden_state`, i.e. *after* the final norm, so the target's
+LM head is applied to them (and to f̂) directly.
+
+Positions: a token's position id is its index in the sequence (BOS = 0), in training and in a session alike;
+a speculative node at tree depth d sits at `committed_len - 1 + d`. The feature paired with the very first
+token (BOS) is the zero vector — in training (there is no state before BOS) and in a session (the first
+committed feature is zeroed).
+
+`forward` takes an explicit additive 4D mask and position ids, so multi-step (HASS) training can lay out
+several unrolled steps in one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from padrec.drafts.base import Draft, DraftSession
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    freeze_embed: bool = True
+
+    @classmethod
+    def from_target(cls, target, intermediate_size: int | None = None, freeze_embed: bool = True) -> "EagleConfig":
+        """Shape the draft layer like one layer of the target (same hidden size, heads, RoPE)."""
+        tc = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+        heads = tc.num_attention_heads
+        rope = getattr(tc, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))
+        return cls(
+            vocab_size=target.get_output_embeddings().weight.shape[0],
+            hidden_size=tc.hidden_size,
+            num_heads=heads,
+            num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            intermediate_size=intermediate_size or tc.intermediate_size,
+            rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            max_positions=max(2048, int(getattr(tc, "max_position_embeddings", 2048) or 2048)),
+            freeze_embed=freeze_embed,
+        )
+
+    def llama_config(self) -> LlamaConfig:
+        cfg = LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            attention_bias=False,
+        )
+        cfg._attn_implementation = "sdpa"  # works with explicit additive 4D masks
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def causal_mask(pad_mask: torch.Tensor | None, q_len: int, past_len: int = 0, batch: int = 1,
+                dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Additive [B, 1, q_len, past_len + q_len] mask: new positions see all the past and causally each other;
+    `pad_mask` [B, past_len + q_len] (1 = real) hides padded keys."""
+    neg = torch.finfo(dtype).min
+    k_len = past_len + q_len
+    device = pad_mask.device if pad_mask is not None else device
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=past_len)
+    allowed = allowed[None, None].expand(batch if pad_mask is None else pad_mask.shape[0], 1, q_len, k_len)
+    if pad_mask is not None:
+        allowed = allowed & pad_mask[:, None, None, :].bool()
+    out = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return out.masked_fill(~allowed, neg)
+
+
+class EagleDraftModel(nn.Module):
+    """The trainable EAGLE draft head. Token logits use a frozen copy of the target's LM head."""
+
+    def __init__(self, cfg: EagleConfig):
+        super().__init__()
+        self.cfg = cfg
+        lc = cfg.llama_config()
+        d = cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.fc = nn.Linear(2 * d, d, bias=True)
+        self.layer = LlamaDecoderLayer(lc, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(lc)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head.weight.requires_grad_(False)
+        self.embed.weight.requires_grad_(not cfg.freeze_embed)
+        std = 0.02
+        for m in (self.fc, self.layer):
+            for name, p in m.named_parameters():
+                if p.dim() >= 2:
+                    nn.init.normal_(p, 0.0, std)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+
+    @classmethod
+    def from_target(cls, target, intermediate_size: int | None = None, freeze_embed: bool = True,
+                    seed: int = 0) -> "EagleDraftModel":
+        torch.manual_seed(seed)
+        model = cls(EagleConfig.from_target(target, intermediate_size, freeze_embed))
+        with torch.no_grad():
+            model.embed.weight.copy_(target.get_input_embeddings().weight)
+            model.lm_head.weight.copy_(target.get_output_embeddings().weight)
+            bias = getattr(target.get_output_embeddings(), "bias", None)
+            if bias is not None:
+                raise ValueError("EAGLE draft expects an LM head without bias")
+        return model
+
+    # --- the pieces, so subclasses (PAD-Rec, HASS) can recombine them -------------------------------------
+    def fuse(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """[B, T] tokens + [B, T, d] features (the state before each token) -> fused input [B, T, d]."""
+        emb = self.embed(input_ids)
+        return self.fc(torch.cat([emb, features.to(emb.dtype)], dim=-1))
+
+    def extra(self, h: torch.Tensor, slots: torch.Tensor | None = None, depths: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hook between fusion and the decoder layer (PAD-Rec adds slot / draft-step embeddings here)."""
+        return h
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        slots: torch.Tensor | None = None,
+        depths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted features [B, T, d].
+
+        attention_mask: None (causal), a 2D padding mask [B, past + T] (1 = real; causal is added), or an
+        explicit additive 4D mask [B, 1, T, past + T] used as is. position_ids default to past + arange(T).
+        """
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=input_ids.device) + past)[None].expand(B, T)
+        h = self.fuse(input_ids, features)
+        h = self.extra(h, slots=slots, depths=depths, position_ids=position_ids)
+        if attention_mask is None or attention_mask.dim() == 2:
+            attention_mask = causal_mask(attention_mask, T, past, B, h.dtype, h.device)
+        pos_emb = self.rotary(h, position_ids)
+        return self.layer(h, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          use_cache=cache is not None, position_embeddings=pos_emb)
+
+
+def _crop_cache(cache: DynamicCache, keep: int) -> None:
+    cur = cache.get_seq_length()
+    if cur > keep:
+        cache.crop(keep - cur)  # a negative count removes that many tokens (all transformers versions)
+
+
+class EagleSession(DraftSession):
+    """One request: the layer's KV cache over the committed context, then speculative tree nodes."""
+
+    def __init__(self, model: EagleDraftModel):
+        self.model = model
+        self.cache = DynamicCache()
+        self.n_committed = 0
+        self.last_feature: torch.Tensor | None = None  # f̂ after the last committed token
+        self.last_logits: torch.Tensor | None = None
+        self._spec_feat: list[torch.Tensor] = []  # predicted feature of each speculative node
+        self._spec_anc: list[list[int]] = []  # speculative ancestors of each node, itself included
+        self._spec_depth: list[int] = []
+
+    @property
+    def num_speculative(self) -> int:
+        return len(self._spec_feat)
+
+    @torch.inference_mode()
+    def commit(self, tokens: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
+        if self._spec_feat:
+            self.rollback()
+        n = len(tokens)
+        if n == 0:
+            if self.last_logits is None:
+                raise ValueError("commit() needs at least one token on an empty session")
+            return self.last_logits
+        if features is None:
+            raise ValueError("the EAGLE draft needs the target's features for committed tokens")
+        d, dtype, dev = self.model.cfg.hidden_size, self.model.fc.weight.dtype, self.model.fc.weight.device
+        feats = torch.as_tensor(features).to(dev, dtype).reshape(n, d).clone()
+        if self.n_committed == 0:
+            feats[0] = 0.0  # nothing precedes the first token (BOS); as in training
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
+        pos = torch.arange(self.n_committed, self.n_committed + n, device=dev)[None]
+        mask = causal_mask(None, n, self.n_committed, dtype=dtype, device=dev)
+        out = self.model(ids, feats[None], attention_mask=mask, position_ids=pos, cache=self.cache,
+                         depths=torch.zeros(1, n, dtype=torch.long, device=dev))
+        self.n_committed += n
+        self.last_feature = out[0, -1]
+        self.last_logits = self.model.logits(self.last_feature).float()
+        return self.last_logits
+
+    @torch.inference_mode()
+    def propose(self, parents: Sequence[int], tokens: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
+        k = len(tokens)
+        if not (len(parents) == k == len(depths)):
+            raise ValueError("parents, tokens and depths must have the same length")
+        if self.last_feature is None:
+            raise ValueError("propose() before any commit()")
+        if k == 0:
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.model.fc.weight.device)
+        base = len(self._spec_feat)
+        feats, ancs = [], []
+        for j, (p, dep) in enumerate(zip(parents, depths)):
+            p, dep = int(p), int(dep)
+            if p == -1:
+                if dep != 1:
+                    raise ValueError(f"node {base + j}: a child of the last committed token has depth 1, not {dep}")
+                feats.append(self.last_feature)
+                ancs.append([base + j])
+            else:
+                if not 0 <= p < base:
+                    raise ValueError(
+                        f"node {base + j}: parent {p} must be a node of an earlier propose() call (0..{base - 1})")
+                if dep != self._spec_depth[p] + 1:
+                    raise ValueError(f"node {base + j}: depth {dep} but its parent {p} has depth {self._spec_depth[p]}")
+                feats.append(self._spec_feat[p])
+                ancs.append(self._spec_anc[p] + [base + j])
+        C = self.n_committed
+        dtype, dev = self.model.fc.weight.dtype, self.model.fc.weight.device
+        mask = torch.full((1, 1, k, C + base + k), torch.finfo(dtype).min, dtype=dtype)
+        mask[..., :C] = 0.0
+        for j, anc in enumerate(ancs):
+            mask[0, 0, j, [C + a for a in anc]] = 0.0
+        dep_t = torch.as_tensor([int(x) for x in depths], dtype=torch.long, device=dev)[None]
+        pos = C - 1 + dep_t
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
+        out = self.model(ids, torch.stack(feats)[None], attention_mask=mask.to(dev), position_ids=pos,
+                         cache=self.cache, depths=dep_t)
+        for j in range(k):
+            self._spec_feat.append(out[0, j])
+            self._spec_anc.append(ancs[j])
+            self._spec_depth.append(int(depths[j]))
+        return self.model.logits(out[0]).float()
+
+    def rollback(self) -> None:
+        _crop_cache(self.cache, self.n_committed)
+        self._spec_feat.clear()
+        self._spec_anc.clear()
+        self._spec_depth.clear()
+
+
+class EagleDraft(Draft):
+    uses_target_features = True
+    name = "eagle"
+
+    def __init__(self, model: EagleDraftModel, name: str = "eagle"):
+        self.model = model.eval()
+        self.name = name
+
+    def new_session(self) -> EagleSession:
+        return EagleSession(self.model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size

@@ -1,0 +1,319 @@
+"""Training a draft for a run's target: an EAGLE feature-level head (`kind="eagle"`) or an independent small LM
+distilled from the target (`kind="lm"`).
+
+Both learn from the target's last hidden states H over the same training windows the target saw (SID-token
+positions only). H is computed under no_grad during the first epoch and kept in memory (float16, per example)
+when it fits `feature_cache_mb`: on CPU the target forward costs about as much as a whole draft step, so later
+epochs run ~2x faster. The target's soft labels are `lm_head(H)` (checked once against the target's logits).
+
+Per epoch: validation on the valid split's next item (teacher forcing) reporting the loss and the top-1
+agreement of the draft with the target (the acceptance proxy), overall and per SID level; the best epoch (by
+agreement) goes to `runs/<run>/drafts/<name>/`, every epoch to `drafts/.<name>.last/` for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from padrec import PadrecError
+from padrec.drafts.registry import (
+    KINDS,
+    draft_dir,
+    last_dir,
+    load_draft_weights,
+    read_draft_meta,
+    save_draft_dir,
+    target_identity,
+)
+from padrec.training.sequences import (
+    IGNORE,
+    collate,
+    length_bucketed_batches,
+    lm_example,
+    next_item_example,
+    training_windows,
+)
+
+
+@dataclass
+class DraftTrainConfig:
+    kind: str = "eagle"  # "eagle" | "lm"
+    name: str | None = None  # folder under runs/<run>/drafts/; default: the kind
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    patience: int = 3  # epochs without validation-agreement improvement before stopping
+    max_valid_cases: int = 2000
+    time_budget_min: float | None = None  # stop after the epoch that crosses this budget
+    seed: int = 0
+    threads: int | None = None
+    feature_cache_mb: float = 2048.0  # keep the target's hidden states in memory up to this size; 0 = never
+    # eagle
+    w_token: float = 0.1  # weight of the soft CE against the target's next-token distribution
+    eagle_intermediate: int | None = None  # MLP width of the draft layer; default: the target's
+    freeze_embed: bool = True
+    # lm
+    lm_layers: int = 2
+    lm_hidden: int = 128
+    lm_heads: int = 4
+    lm_intermediate: int | None = None
+    temperature: float = 1.0
+    w_hard: float = 0.0  # weight of the hard CE on the data tokens
+
+    @property
+    def draft_name(self) -> str:
+        return self.name or self.kind
+
+
+def _lr_at(step: int, total: int, cfg: DraftTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class TargetFeatures:
+    """The target's last hidden states for a fixed list of examples, computed on demand and optionally cached."""
+
+    def __init__(self, target, examples, cache_mb: float):
+        self.target = target
+        self.d = target.config.get_text_config().hidden_size
+        n_tokens = sum(len(ids) for ids, _ in examples)
+        self.enabled = n_tokens * self.d * 2 <= cache_mb * 2**20
+        self.store: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, idx: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        B, T = batch["input_ids"].shape
+        if self.enabled and all(i in self.store for i in idx):
+            H = torch.zeros(B, T, self.d)
+            for b, i in enumerate(idx):
+                h = self.store[i]
+                H[b, : h.shape[0]] = h.float()
+            return H
+        H = self.target.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        H = H.last_hidden_state.float()
+        if self.enabled:
+            H = H.half()
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for b, i in enumerate(idx):
+                self.store[i] = H[b, : lengths[b]].clone()
+            H = H.float() * batch["attention_mask"][..., None]  # same values as later epochs read back
+        return H
+
+
+def check_head_on_features(target, batch: dict[str, torch.Tensor]) -> None:
+    """Soft labels are lm_head(H): make sure that is what the target computes."""
+    with torch.no_grad():
+        out = target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        H = target.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mine = target.get_output_embeddings()(H)
+    if not torch.allclose(mine, out.logits, atol=1e-4, rtol=1e-4):
+        raise PadrecError(
+            "the target's logits are not lm_head(last_hidden_state) (logit scaling/soft-capping?); "
+            "feature-level drafts cannot use this target"
+        )
+
+
+def _positions(batch) -> torch.Tensor:
+    """[B, T-1] bool: position i predicts an SID token (the label of i+1 is not ignored)."""
+    return batch["labels"][:, 1:] != IGNORE
+
+
+def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainConfig):
+    """Loss, plus the draft's and the target's logits at the SID positions ([N, V] each)."""
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    M = _positions(batch)
+    with torch.no_grad():
+        t_logits = head(H[:, :-1][M]).float()
+    if kind == "eagle":
+        feats = torch.zeros_like(H)
+        feats[:, 1:] = H[:, :-1]  # the state before each token; zero before BOS
+        f_hat = model(ids, feats, attention_mask=am)[:, :-1][M]
+        d_logits = model.logits(f_hat).float()
+        loss_f = F.smooth_l1_loss(f_hat, H[:, :-1][M])
+        soft_ce = -(t_logits.softmax(-1) * d_logits.log_softmax(-1)).sum(-1).mean()
+        loss = loss_f + cfg.w_token * soft_ce
+    else:
+        from padrec.drafts.lm_draft import distill_loss
+
+        d_logits = model(input_ids=ids, attention_mask=am).logits[:, :-1][M].float()
+        hard = batch["labels"][:, 1:][M]
+        loss = distill_loss(d_logits, t_logits, cfg.temperature, hard, cfg.w_hard)
+    return loss, d_logits, t_logits
+
+
+@torch.no_grad()
+def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrainConfig, levels: int,
+             batch_size: int = 128) -> dict:
+    model.eval()
+    loss_sum, n, agree = 0.0, 0, 0
+    per_level = torch.zeros(levels, dtype=torch.long)
+    per_level_n = torch.zeros(levels, dtype=torch.long)
+    for s in range(0, len(examples), batch_size):
+        idx = list(range(s, min(len(examples), s + batch_size)))
+        batch = collate([examples[i] for i in idx])
+        loss, d_logits, t_logits = draft_loss(kind, model, head, batch, feats(idx, batch), cfg)
+        k = d_logits.shape[0]
+        if k == 0:
+            continue
+        hit = d_logits.argmax(-1) == t_logits.argmax(-1)
+        M = _positions(batch)
+        level = (M.long().cumsum(1) - 1)[M].clamp(0, levels - 1)  # one labelled item per example
+        per_level += torch.bincount(level[hit], minlength=levels)
+        per_level_n += torch.bincount(level, minlength=levels)
+        loss_sum += loss.item() * k
+        n += k
+        agree += int(hit.sum())
+    model.train()
+    return {
+        "valid_loss": loss_sum / max(1, n),
+        "valid_agreement": agree / max(1, n),
+        "valid_agreement_per_level": (per_level.float() / per_level_n.clamp(min=1)).tolist(),
+    }
+
+
+def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig):
+    if kind == "eagle":
+        from padrec.drafts.eagle import EagleDraftModel
+
+        model = EagleDraftModel.from_target(target, cfg.eagle_intermediate, cfg.freeze_embed, seed=cfg.seed)
+        return model, model.cfg.to_dict()
+    from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
+
+    mc = LMDraftConfig(vocab_size, cfg.lm_layers, cfg.lm_hidden, cfg.lm_heads, cfg.lm_intermediate)
+    return build_lm_draft(mc, seed=cfg.seed), mc.to_dict()
+
+
+def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool = True) -> dict:
+    """Train (or resume training of) a draft for the run's target. Returns the history and where it was saved."""
+    if cfg.kind not in KINDS:
+        raise PadrecError(f"unknown draft kind {cfg.kind!r}: expected one of {KINDS}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    name = cfg.draft_name
+    best_path, last_path = draft_dir(run, name), last_dir(run, name)
+    identity = target_identity(run)
+    target = run.load_target()
+    target.eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    head = target.get_output_embeddings()
+    if identity["target_hidden_size"] != target.config.get_text_config().hidden_size:
+        raise PadrecError(f"target config.json and the loaded target disagree on the hidden size ({run.target_dir})")
+
+    ds, sids = run.dataset, run.sids
+    windows = training_windows(ds.train_sequences(), run.info.max_history + 1)
+    if not windows:
+        raise PadrecError(f"dataset {ds.name!r} has no training sequences")
+    train_examples = [lm_example(w, sids, loss_from_item=lf) for w, lf in windows]
+    valid_cases = ds.eval_cases("valid", max_history=run.info.max_history)
+    valid_cases = random.Random(cfg.seed).sample(valid_cases, min(len(valid_cases), cfg.max_valid_cases))
+    valid_examples = [next_item_example(c.history, t, sids) for c in valid_cases for t in c.targets[:1]]
+    lengths = [len(ids) for ids, _ in train_examples]
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
+
+    state = None
+    if resume and (last_path / "train_state.pt").is_file():
+        meta = read_draft_meta(last_path)
+        if meta.get("config") != asdict(cfg):
+            raise PadrecError(f"{last_path} holds an interrupted draft training with different settings; "
+                              "pass the same settings to resume, or resume=False (--no-resume) to start over")
+        if meta.get("identity") != identity:
+            raise PadrecError(f"{last_path} holds an interrupted draft training for another target; "
+                              "start over with resume=False (--no-resume)")
+        model = load_draft_weights(last_path, meta)
+        model_config = meta["model_config"]
+        state = torch.load(last_path / "train_state.pt", weights_only=True)
+        history = json.loads(state["history_json"])
+        start_epoch = int(state["epoch"]) + 1
+    else:
+        model, model_config = _new_model(cfg.kind, target, identity["vocab_size"], cfg)
+        history, start_epoch = [], 0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    n_params = sum(p.numel() for p in params)
+
+    best = max((h["valid_agreement"] for h in history), default=-1.0)
+    bad_epochs = 0
+    for h in history:
+        bad_epochs = 0 if h["improved"] else bad_epochs + 1
+    stopped = history[-1].get("stop_reason") if history else None
+    train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
+    valid_feats = TargetFeatures(target, valid_examples, cfg.feature_cache_mb)
+    base_meta = {"kind": cfg.kind, "name": name, "config": asdict(cfg), "model_config": model_config,
+                 "identity": identity, "n_trainable_params": n_params}
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stopped:
+            break
+        t0 = time.time()
+        rng = random.Random(cfg.seed * 1000 + epoch)
+        batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
+        run_loss, run_n, tokens = 0.0, 0, 0
+        for b, idx in enumerate(bar):
+            step = epoch * steps_per_epoch + b
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total_steps, cfg)
+            batch = collate([train_examples[i] for i in idx])
+            H = train_feats(idx, batch)
+            if not _positions(batch).any():
+                continue
+            loss, _, _ = draft_loss(cfg.kind, model, head, batch, H, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            run_loss += loss.item()
+            run_n += 1
+            tokens += int(batch["attention_mask"].sum())
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{run_loss / max(1, run_n):.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, sids.vocab.levels)
+        seconds = time.time() - t0
+        improved = val["valid_agreement"] > best + 1e-6
+        bad_epochs = 0 if improved else bad_epochs + 1
+        elapsed = sum(h["seconds"] for h in history) + seconds
+        stop_reason = None
+        if bad_epochs >= cfg.patience:
+            stop_reason = f"no validation improvement for {cfg.patience} epochs"
+        elif cfg.time_budget_min is not None and elapsed > cfg.time_budget_min * 60:
+            stop_reason = f"time budget of {cfg.time_budget_min} min reached"
+        entry = {"epoch": epoch + 1, "train_loss": run_loss / max(1, run_n), **val, "improved": improved,
+                 "seconds": seconds, "tokens_per_s": tokens / seconds, "features_cached": train_feats.enabled,
+                 "stop_reason": stop_reason}
+        history.append(entry)
+        if progress:
+            tqdm.write(
+                f"{name} epoch {epoch + 1}: train {entry['train_loss']:.4f}  valid {val['valid_loss']:.4f}  "
+                f"agree {val['valid_agreement']:.3f}{'  *best*' if improved else ''}  ({seconds:.0f}s)"
+                + (f"  stop: {stop_reason}" if stop_reason else "")
+            )
+        meta = {**base_meta, "epoch": epoch + 1, "history": history}
+        if improved:
+            best = val["valid_agreement"]
+            save_draft_dir(best_path, model.state_dict(), {**meta, **val})
+        train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
+        save_draft_dir(last_path, model.state_dict(), meta, train_state=train_state)
+        stopped = stop_reason
+
+    if not best_path.exists():
+        raise PadrecError("draft training produced no checkpoint (zero epochs?)")
+    return {"history": history, "n_params": n_params, "train_seconds": sum(h["seconds"] for h in history),
+            "path": str(best_path), "name": name}

@@ -1,0 +1,120 @@
+"""KV-cache and attention-mask plumbing shared by the target verifier and the LM draft adapter.
+
+Tree attention through a Hugging Face causal LM (transformers 5.x): pass a 4D *additive* float mask
+[1, 1, q, past + q] (0 where a query may attend, `torch.finfo(dtype).min` elsewhere) together with explicit
+`position_ids`. (A bool 4D mask is silently mishandled on the eager path, so it is never used here.) The model appends
+the q new keys/values to its DynamicCache in the order they were fed; after a verification only some of them are
+kept (`keep_positions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from padrec import PadrecError
+from padrec.decoding.autoregressive import _forward_kwargs
+
+__all__ = [
+    "additive_mask",
+    "ancestor_matrix",
+    "check_tree_cache",
+    "decoder_forward",
+    "keep_positions",
+    "model_dtype_device",
+]
+
+
+def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
+    try:
+        p = next(model.parameters())
+        return p.dtype, p.device
+    except (StopIteration, AttributeError):
+        return torch.float32, torch.device("cpu")
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool `visible` [q, k] -> additive float mask [1, 1, q, k] (0 visible, finfo.min hidden)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
+    """bool [N, N]: entry (i, j) is True iff node j is node i or one of its ancestors. `parents[i]` is -1 (the
+    root, i.e. the token the tree hangs below) or an index < i."""
+    n = len(parents)
+    anc = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            if p >= i:
+                raise PadrecError(f"tree node {i} has parent {p}: parents must precede their children")
+            anc[i] |= anc[p]
+    return anc
+
+
+def check_tree_cache(cache) -> None:
+    """Tree attention and `keep_positions` need plain full-attention cache layers (keys/values [B, H, T, D])."""
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise PadrecError(
+                f"cache layer {i} ({type(layer).__name__}) is not a full-attention DynamicLayer: speculative "
+                f"tree decoding needs full attention in every layer"
+            )
+
+
+def keep_positions(cache, keep_index: Sequence[int] | torch.Tensor) -> None:
+    """Keep only the cache positions `keep_index` (strictly increasing), in that order, in every layer.
+
+    Positions before the first gap are left untouched; the kept tail is moved down in place and the rest is cut
+    off, so the cost is proportional to the tail, not to the whole context.
+    """
+    keep = [int(i) for i in (keep_index.tolist() if isinstance(keep_index, torch.Tensor) else keep_index)]
+    if any(b <= a for a, b in zip(keep, keep[1:])) or (keep and keep[0] < 0):
+        raise PadrecError("keep_positions needs strictly increasing, non-negative positions")
+    n = len(keep)
+    start = 0
+    while start < n and keep[start] == start:
+        start += 1
+    check_tree_cache(cache)
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+            if n:
+                raise PadrecError("keep_positions on an empty cache layer")
+            continue
+        length = layer.keys.shape[-2]
+        if n and keep[-1] >= length:
+            raise PadrecError(f"keep_positions: position {keep[-1]} beyond the cache length {length}")
+        if start < n:
+            tail = torch.tensor(keep[start:], dtype=torch.long, device=layer.keys.device)
+            layer.keys[..., start:n, :] = layer.keys.index_select(-2, tail)
+            layer.values[..., start:n, :] = layer.values.index_select(-2, tail)
+        if n < length:
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+
+
+def decoder_forward(model, input_ids, cache, attention_mask=None, position_ids=None, head_rows=None):
+    """One forward of the model's decoder stack (cache updated in place) and its LM head.
+
+    Returns (logits [B, T', V], hidden [B, T, d]) where `hidden` is the last hidden state after the final norm (the
+    LM head's input) and the logits are computed for the rows `head_rows` of the sequence (all when None), so a
+    caller gets the target's next-token logits and its features from one pass. Final-logit soft-capping
+    (`config.final_logit_softcapping`, Gemma 2 style) is applied like the model's own forward would.
+    """
+    base = model.get_decoder()
+    cache_kw, _ = _forward_kwargs(base)
+    kwargs = {cache_kw: cache, "use_cache": True}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = base(input_ids=input_ids, **kwargs)
+    hidden = out.last_hidden_state
+    h = hidden if head_rows is None else hidden[:, head_rows]
+    logits = model.get_output_embeddings()(h)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits, hidden

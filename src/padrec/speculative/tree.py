@@ -1,0 +1,206 @@
+"""Draft tree construction (EAGLE-2 style dynamic trees, and chains).
+
+Every node carries a copy of the list constraint advanced along its path, so the draft only ever proposes valid
+continuations (catalogue prefixes, SEP where due, no banned or duplicate items). The draft distribution at a node is
+`apply_logits_processing(draft_logits, allowed, cfg)` - the very processing the target's distribution gets (the
+constraint, and with sampling temperature / top-k / top-p). A forced node (one allowed token) gives its child
+log-prob 0 without looking at the draft.
+
+Construction, `depth` levels (at most `max_depth`, the tokens the list still needs):
+  level 1: the `top_k` best children of the root (the last committed token) by draft log-prob;
+  level d+1: the `top_k` level-d nodes with the best cumulative draft log-prob are expanded (one `propose()` call
+             of the draft for all of them), each into its `top_k` best children (zero-probability ones are skipped).
+Finally the `total_tokens` best nodes by cumulative log-prob are kept. Ties break by (depth, creation order), and a
+child's cumulative score never exceeds its parent's (log-probs are <= 0), so the kept set is ancestor-closed.
+A chain is the same with top_k = 1 and a budget of `depth` nodes.
+
+Children of a node are listed in draft proposal order: descending draft log-prob, ties to the smaller token id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from padrec import PadrecError
+from padrec.decoding.autoregressive import GenerationConfig, apply_logits_processing
+from padrec.decoding.trie import ListConstraint
+from padrec.speculative.kv import ancestor_matrix
+
+__all__ = ["TreeConfig", "DraftTree", "build_tree"]
+
+TREE_KINDS = ("tree", "chain")
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    kind: str = "tree"  # "tree" (dynamic, EAGLE-2) or "chain" (depth gamma, one candidate per level)
+    depth: int = 5
+    top_k: int = 4  # branching: nodes expanded per level and children per expanded node
+    total_tokens: int = 24  # node budget of the final tree
+
+    def __post_init__(self):
+        if self.kind not in TREE_KINDS:
+            raise PadrecError(f"unknown tree kind {self.kind!r}: expected one of {TREE_KINDS}")
+        if self.depth < 1:
+            raise PadrecError(f"tree depth must be >= 1, got {self.depth}")
+        if self.kind == "tree" and (self.top_k < 1 or self.total_tokens < 1):
+            raise PadrecError(f"tree top_k and total_tokens must be >= 1, got {self.top_k}, {self.total_tokens}")
+
+    @classmethod
+    def chain(cls, depth: int = 5) -> "TreeConfig":
+        return cls(kind="chain", depth=depth, top_k=1, total_tokens=depth)
+
+    @property
+    def branching(self) -> int:
+        return 1 if self.kind == "chain" else self.top_k
+
+    @property
+    def budget(self) -> int:
+        return self.depth if self.kind == "chain" else self.total_tokens
+
+
+@dataclass
+class DraftTree:
+    """A draft tree below the last committed token (the root, index -1). Nodes are ordered by depth, so a parent
+    always precedes its children."""
+
+    root: ListConstraint  # constraint state at the root (a snapshot: the caller's constraint moves on)
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # -1: child of the root
+    depths: list[int] = field(default_factory=list)  # 1 = child of the root
+    scores: list[float] = field(default_factory=list)  # cumulative draft log-prob
+    constraints: list[ListConstraint] = field(default_factory=list)  # state after the node's token
+    children: dict[int, list[int]] = field(default_factory=dict)  # node (-1 root) -> children, proposal order
+    # expanded nodes (root -1 included): (allowed tokens, draft log-probs over them) - the draft distribution q
+    draft_logprobs: dict[int, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
+    propose_calls: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths, default=0)
+
+    def constraint_at(self, node: int) -> ListConstraint:
+        return self.root if node < 0 else self.constraints[node]
+
+    def child_by_token(self, node: int) -> dict[int, int]:
+        return {self.tokens[c]: c for c in self.children.get(node, ())}
+
+    def ancestors(self) -> torch.Tensor:
+        return ancestor_matrix(self.parents)
+
+    def path_tokens(self, node: int) -> list[int]:
+        out = []
+        while node >= 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+
+ProposeFn = Callable[[Sequence[int], Sequence[int], Sequence[int]], torch.Tensor]
+
+
+def _node_distribution(logits_row: torch.Tensor | None, cons: ListConstraint, cfg: GenerationConfig):
+    toks, tensor = cons.allowed_with_tensor()
+    if len(toks) == 1:
+        return toks, torch.zeros(1, dtype=torch.float64)
+    lp = apply_logits_processing(logits_row, tensor.to(logits_row.device), cfg)
+    return toks, lp.detach().to("cpu", torch.float64)
+
+
+def build_tree(
+    root_logits: torch.Tensor,
+    constraint: ListConstraint,
+    cfg: GenerationConfig,
+    tree_cfg: TreeConfig,
+    propose: ProposeFn,
+    max_depth: int | None = None,
+) -> DraftTree:
+    """Build a draft tree below the last committed token.
+
+    `root_logits` [V]: the draft's next-token logits after the last committed token; `constraint`: the list state
+    there (not modified); `propose(parents, tokens, depths)`: the draft session's propose, with tree-local parent
+    indices (-1 = root; k = the k-th node proposed in this build); `max_depth`: cap on the depth (the tokens the list
+    still needs). Calls `propose` once per level that is expanded (at most depth - 1 times).
+    """
+    depth = min(tree_cfg.depth, tree_cfg.budget)  # a node at depth d needs d nodes of the budget
+    if max_depth is not None:
+        depth = min(depth, max_depth)
+    if depth < 1:
+        raise PadrecError("build_tree needs a depth of at least 1")
+    k = tree_cfg.branching
+    # candidates: token, parent candidate, depth, score, constraint, creation order (= index)
+    c_tok: list[int] = []
+    c_parent: list[int] = []
+    c_depth: list[int] = []
+    c_score: list[float] = []
+    c_cons: list[ListConstraint] = []
+    c_children: dict[int, list[int]] = {}
+    c_q: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def expand(cand: int, logits_row, cons: ListConstraint, base: float, d: int) -> None:
+        toks, lp = _node_distribution(logits_row, cons, cfg)
+        c_q[cand] = (toks, lp)
+        vals = lp.tolist()
+        order = sorted(range(len(toks)), key=lambda i: (-vals[i], toks[i]))
+        kids = c_children.setdefault(cand, [])
+        for i in order[:k]:
+            if vals[i] == -math.inf:
+                break
+            child_cons = cons.copy()
+            child_cons.advance(toks[i])
+            kids.append(len(c_tok))
+            c_tok.append(toks[i])
+            c_parent.append(cand)
+            c_depth.append(d + 1)
+            c_score.append(base + vals[i])
+            c_cons.append(child_cons)
+
+    expand(-1, root_logits, constraint, 0.0, 0)
+    proposed: dict[int, int] = {}  # candidate -> index in the draft session's speculative nodes
+    level = [c for c in range(len(c_tok))]
+    calls = 0
+    for d in range(1, depth):
+        sel = sorted(level, key=lambda c: (-c_score[c], c))[:k]
+        if not sel:
+            break
+        base_idx = len(proposed)
+        for j, c in enumerate(sel):
+            proposed[c] = base_idx + j
+        logits = propose(
+            [-1 if c_parent[c] < 0 else proposed[c_parent[c]] for c in sel], [c_tok[c] for c in sel], [d] * len(sel)
+        )
+        calls += 1
+        start = len(c_tok)
+        for j, c in enumerate(sel):
+            expand(c, logits[j], c_cons[c], c_score[c], d)
+        level = list(range(start, len(c_tok)))
+
+    keep = sorted(range(len(c_tok)), key=lambda c: (-c_score[c], c_depth[c], c))[: tree_cfg.budget]
+    keep.sort(key=lambda c: (c_depth[c], c))
+    index = {c: i for i, c in enumerate(keep)}
+    tree = DraftTree(root=constraint.copy(), propose_calls=calls)
+    for c in keep:
+        p = c_parent[c]
+        if p >= 0 and p not in index:  # cannot happen (see the module docstring); guard the invariant
+            raise PadrecError("internal error: draft tree budget selection is not ancestor-closed")
+        tree.tokens.append(c_tok[c])
+        tree.parents.append(-1 if p < 0 else index[p])
+        tree.depths.append(c_depth[c])
+        tree.scores.append(c_score[c])
+        tree.constraints.append(c_cons[c])
+    for cand, kids in c_children.items():
+        if cand >= 0 and cand not in index:
+            continue
+        node = -1 if cand < 0 else index[cand]
+        kept = [index[x] for x in kids if x in index]
+        if kept:
+            tree.children[node] = kept
+        tree.draft_logprobs[node] = c_q[cand]
+    return tree
