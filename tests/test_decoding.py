@@ -344,3 +344,104 @@ def test_wide_beam_equals_exhaustive(req, excl):
     # constrained scores are a distribution over the non-excluded items
     assert math.fsum(math.exp(s) for s in full.scores) == pytest.approx(1.0, abs=1e-9)
     assert len(full.items) == len(items) - len(set(ex))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# beam search: tree attention (one cache row per prompt, 4D additive masks)
+# ------------------------------------------------------------------------------------------------------------
+def _additive_mask(allow: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min).unsqueeze(1)
+
+
+@pytest.mark.parametrize("dtype,attn", [(torch.float64, "sdpa"), (torch.float32, "eager"), (torch.float64, "eager")])
+def test_model_forward_accepts_4d_tree_mask(dtype, attn):
+    """model_forward with a 4D additive float mask (used as is by the HF forward): left-padded prefill, then two
+    tree steps in which several branches of one cache row are fed as query tokens (a causal chain inside each
+    branch, ancestors from the previous step). Every logit equals a cache-free forward of prompt + branch."""
+    from padrec.decoding.autoregressive import left_pad, model_forward, new_cache
+
+    model = tiny_model(20, 1, dtype, attn)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    prompts = [[BOS, 5, 6, 7, 8, 9], [BOS, 11, 12]]
+    branches = [[[3, 4], [4, 3], [5, 5]], [[6, 7], [7, 6], [8, 9]]]  # 3 branches x 2 tokens per row
+    nb, k = 3, 2
+    ids, mask, pos = left_pad(prompts, "cpu")
+    W = ids.shape[1]
+    real = mask.bool()
+
+    def full(seq):
+        return model(input_ids=torch.tensor([seq]), use_cache=False).logits[0]
+
+    with torch.inference_mode():
+        cache = new_cache(model)
+        allow = torch.ones(W, W, dtype=torch.bool).tril()[None] & real[:, None, :] | torch.eye(W, dtype=torch.bool)
+        logits, cache = model_forward(model, ids, cache, _additive_mask(allow, dtype), pos, last_only=False)
+        for r, p in enumerate(prompts):
+            assert torch.allclose(logits[r, W - len(p) :], full(p), atol=tol, rtol=0)
+        # step 1: the 3 branches' 2-token chains as 6 query tokens of the row
+        q = nb * k
+        step_ids = torch.tensor([[t for br in row for t in br] for row in branches])
+        allow = torch.zeros(2, q, W + q, dtype=torch.bool)
+        allow[:, :, :W] = real[:, None, :]
+        allow[:, :, W:] = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool)] * nb).tril()
+        step_pos = torch.tensor([[len(p) + t for _ in range(nb) for t in range(k)] for p in prompts])
+        logits, cache = model_forward(model, step_ids, cache, _additive_mask(allow, dtype), step_pos, last_only=False)
+        for r, p in enumerate(prompts):
+            for j, br in enumerate(branches[r]):
+                for t in range(k):
+                    ref = full(p + br[: t + 1])[-1]
+                    assert torch.allclose(logits[r, j * k + t], ref, atol=tol, rtol=0)
+        # step 2: one new token per branch; it sees the prompt, its branch's 2 ancestors (columns) and itself
+        past = W + q
+        new = [[1, 2, 3], [4, 5, 6]]
+        allow = torch.zeros(2, nb, past + nb, dtype=torch.bool)
+        allow[:, :, :W] = real[:, None, :]
+        for j in range(nb):
+            allow[:, j, W + j * k : W + (j + 1) * k] = True
+            allow[:, j, past + j] = True
+        step_pos = torch.tensor([[len(p) + k] * nb for p in prompts])
+        logits, cache = model_forward(model, torch.tensor(new), cache, _additive_mask(allow, dtype), step_pos,
+                                      last_only=False)
+        for r, p in enumerate(prompts):
+            for j, br in enumerate(branches[r]):
+                assert torch.allclose(logits[r, j], full(p + br + [new[r][j]])[-1], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_beam_tree_forced_levels_padding_and_uneven_beams(attn):
+    """Forced levels at the root (deferred into the prefill) and in the middle (deferred into the next call as a
+    2-token chain per beam), left-padded prompts of different lengths, exclusions that leave rows with different
+    numbers of live beams (padded query slots), beam_size above the number of live items. (Eager attention runs its
+    softmax in float32 even for a float64 model, hence the looser score tolerance there.)"""
+    vocab = SIDVocab((1, 3, 1, 2, 2), "per_level")  # levels 0 and 2 are forced for every beam
+    items = [vocab.item_tokens(c) for c in itertools.product(range(1), range(3), range(1), range(2), range(2))]
+    model = tiny_model(vocab.size, 2, torch.float64, attn)
+    trie = ItemTrie(items)
+    histories = [[], [0], [1, 2, 3, 4, 5], [7]]
+    excludes = [[], list(range(9)), [5], list(range(12))[1:]]  # live items: 12, 3, 11, 1
+    prompts = [make_prompt(items, h) for h in histories]
+    for beam_size, top_k in ((1, 1), (2, 3), (5, 12), (16, 16)):
+        batch = beam_search_items_batch(model, prompts, trie, beam_size, top_k, batch_size=3, exclude_items=excludes)
+        for prompt, ex, b in zip(prompts, excludes, batch):
+            ref = beam_search_reference(model, prompt, trie, beam_size, top_k, exclude_items=ex)
+            assert b.items == ref.items
+            assert b.scores == pytest.approx(ref.scores, abs=1e-9 if attn == "sdpa" else 1e-6)
+            assert not set(b.items) & set(ex)
+            # calls: the prompt + the levels 1, 3, 4 (a real decision somewhere in the chunk); 0 and 2 are free
+            assert b.model_calls <= 3 < ref.model_calls == 5
+        single = beam_search_items(model, prompts[2], trie, beam_size, top_k, exclude_items=excludes[2])
+        assert single.items == batch[2].items
+
+
+def test_beam_tree_all_forced_catalogue():
+    """A catalogue where a single item is left: every level forced, a single model call-free walk."""
+    vocab = SIDVocab((2, 2), "per_level")
+    items = [vocab.item_tokens(c) for c in itertools.product(range(2), range(2))]
+    model = tiny_model(vocab.size, 0, torch.float64)
+    trie = ItemTrie(items)
+    res = beam_search_items(model, make_prompt(items, [1]), trie, 4, 4, exclude_items=[0, 1, 2])
+    assert res.items == [3] and res.scores == [0.0] and res.model_calls == 0
+    with pytest.raises(PadrecError):
+        beam_search_items(model, make_prompt(items, []), trie, 4, 4, exclude_items=[0, 1, 2, 3])
+    with pytest.raises(PadrecError):
+        beam_search_items_batch(model, [[BOS]], trie, 0, 4)

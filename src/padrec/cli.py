@@ -151,6 +151,58 @@ def cmd_recommend(a) -> None:
     console.print(f"wrote {len(lines)} users' {cfg.mode} lists to {a.out}")
 
 
+def _tree_configs(a) -> list:
+    from padrec.speculative.tree import TreeConfig
+
+    trees = [TreeConfig.chain(int(g)) for g in a.chain.split(",") if g] if a.chain else []
+    for spec in (a.tree.split(";") if a.tree else []):
+        depth, top_k, total = (int(x) for x in spec.split(","))
+        trees.append(TreeConfig(kind="tree", depth=depth, top_k=top_k, total_tokens=total))
+    if not trees:
+        raise PadrecError("give at least one --chain GAMMA or --tree DEPTH,TOPK,TOTAL")
+    return trees
+
+
+def cmd_train_draft(a) -> None:
+    from padrec.drafts.train import DraftTrainConfig, train_draft
+    from padrec.run import Run
+    from padrec.ui import console, table
+
+    cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                           time_budget_min=a.time_budget_min, threads=a.threads)
+    out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
+    hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
+    console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))
+    console.print(f"saved to {out['path']}")
+
+
+def cmd_bench(a) -> None:
+    import torch
+
+    from padrec.drafts.registry import load_draft
+    from padrec.evaluation.bench import BenchConfig, plot_acceptance, run_bench
+    from padrec.pipeline import machine_description
+    from padrec.run import Run
+    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.ui import console, table
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run(a.run)
+    drafts = {name: load_draft(run, name) for name in a.drafts.split(",") if name}
+    cfg = BenchConfig(users=a.users, warmup=a.warmup, n_items=a.n_items, trees=_tree_configs(a),
+                      naive_ar=not a.no_naive, hf_generate=not a.no_hf)
+    result = run_bench(run, drafts, cfg)
+    result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
+    out = Path(a.out) if a.out else run.results_dir / "bench.json"
+    atomic_write_text(out, json.dumps(result, indent=2))
+    shown = [{k: v for k, v in r.items() if not k.startswith("accept_by")} for r in result["rows"]]
+    console.print(table(shown, title=f"{run.info.dataset}: batch-1 list-wise greedy, {cfg.n_items} items, "
+                                     f"{result['users']} users, {result['threads']} threads"))
+    png = plot_acceptance(result, out.with_suffix(".png"))
+    console.print(f"written {out}" + (f" and {png}" if png else ""))
+
+
 def cmd_demo(a) -> None:
     from padrec.demo import run_demo
 
@@ -201,6 +253,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default=None, help="comma-separated item ids (the dataset's own ids)")
     _rank_args(p, "beam")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("train-draft", help="train a draft model for the run's target")
+    p.add_argument("--run", required=True)
+    p.add_argument("--draft", default="eagle", choices=["eagle", "lm"])
+    p.add_argument("--name", default=None, help="folder name under DIR/drafts (default: the draft kind)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--time-budget-min", type=float, default=None)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_train_draft)
+
+    p = sub.add_parser("bench", help="batch-1 latency: autoregressive vs speculative decoding, pair by pair")
+    p.add_argument("--run", required=True)
+    p.add_argument("--drafts", default="eagle", help="comma-separated draft names of the run")
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--n-items", type=int, default=10)
+    p.add_argument("--chain", default="4", help="comma-separated chain lengths γ")
+    p.add_argument("--tree", default="5,4,24", help="DEPTH,TOPK,TOTAL; several separated by ';'")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive AR decoder (a call per token)")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    p.add_argument("--out", default=None, help="JSON path (default DIR/results/bench.json)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: tokenize, train, evaluate on the default dataset")
     p.add_argument("--dataset", default="beauty")

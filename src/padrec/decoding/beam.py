@@ -7,10 +7,18 @@ allowed token) therefore adds exactly 0, and the scores of all non-excluded item
 (they sum, in probability, to 1). Ranking: stable order by (-score, SID token tuple), so ties break on the
 lexicographically smaller SID, deterministically, in every implementation here.
 
-`beam_search_items` / `beam_search_items_batch` prefill each prompt once, then expand the KV cache to the beams
-with `Cache.reorder_cache(index)` (an index_select on the batch dimension of every layer; an index with repeats
-both expands and reorders). A level at which every beam is forced makes no model call: its tokens are fed with the
-next call. So the prompt costs one forward and each level at most one more (L-1 at most after the prefill).
+`beam_search_items` / `beam_search_items_batch` share each prompt's prefix through tree attention (as AtSpeed does
+for beams): the KV cache keeps ONE row per prompt, prefilled once. At each later model call all of a prompt's live
+beams feed their newest tokens as new query tokens of that row, under a 4D additive float mask [B, 1, q, past + q]
+(0 = may attend, finfo(dtype).min = masked; a bool 4D mask is misread by the eager path of transformers 5.24) in
+which a token attends to its row's real prompt columns (left padding masked), to its own beam's ancestor tokens
+fed at earlier calls (each beam records the cache column of every ancestor) and, causally, to its beam's tokens of
+this call, itself included; position_ids = prompt length + level. The cache only grows, by (most beams of a row) x
+(tokens per beam) columns per call: no reorder, no copy. Rows with fewer beams pad their query slots with PAD tokens
+(they attend at least to themselves, so they stay finite; nothing attends to them and their logits are ignored).
+A level at which every beam is forced makes no model call: its tokens are fed with the next call as extra query
+tokens of the same beam (a causal chain). So the prompt costs one forward and each level at most one more (L-1 at
+most after the prefill).
 `beam_search_reference` is an independent cache-free beam search (full forward of prompt + prefix per level),
 and `enumerate_items_reference` scores every item exhaustively; both are for tests.
 """
@@ -34,6 +42,7 @@ from padrec.decoding.autoregressive import (
     new_cache,
 )
 from padrec.decoding.trie import ItemTrie, ListConstraint
+from padrec.tokenizer.vocab import PAD
 
 __all__ = [
     "BeamResult",
@@ -66,13 +75,13 @@ def _exclusion(trie: ItemTrie, exclude_items: Iterable[int]) -> ListConstraint:
 
 
 class _Beam:
-    __slots__ = ("score", "seq", "node", "crow", "extra")
+    __slots__ = ("score", "seq", "node", "anc", "extra")
 
-    def __init__(self, score, seq, node, crow, extra):
+    def __init__(self, score, seq, node, anc, extra):
         self.score = score  # float (python double)
         self.seq = seq  # SID tokens so far
         self.node = node  # trie node of seq
-        self.crow = crow  # cache row holding this beam's fed prefix
+        self.anc = anc  # cache columns (in its prompt's cache row) of the tokens of seq already fed, in order
         self.extra = extra  # tokens of seq not fed to the model yet
 
 
@@ -134,17 +143,39 @@ def _select(cands: torch.Tensor, beams: list[_Beam], vocab: int, k: int) -> list
     return picked[:k]
 
 
+def _model_dtype(model) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return next(model.parameters()).dtype
+    except (StopIteration, AttributeError):
+        return torch.float32
+
+
+def _additive(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool [B, q, kv] (True = may attend) -> the 4D additive float mask [B, 1, q, kv] the HF forward uses as is
+    (0 = attend, finfo.min = masked; a bool 4D mask is misread by the eager path of transformers 5.24)."""
+    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill_(
+        ~allow, torch.finfo(dtype).min
+    ).unsqueeze(1)
+
+
 def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> list[BeamResult]:
     dev = _device_of(model)
+    dtype = _model_dtype(model)
     nprompt = len(prompts)
     cons = [_exclusion(trie, e) for e in excludes]
     base_ids, base_mask, base_pos = left_pad(prompts, dev)
-    next_pos = base_pos[:, -1:] + 1
-    fed_mask = base_mask[:, :0]
-    beams: list[list[_Beam]] = [[_Beam(0.0, (), 0, r, ())] for r in range(nprompt)]
+    width = base_ids.shape[1]
+    prompt_cols = base_mask.bool()  # [B, W]: the real (non-pad) prompt columns of each row
+    plen = base_pos[:, -1:] + 1  # [B, 1]: position of each row's first SID token
+    beams: list[list[_Beam]] = [[_Beam(0.0, (), 0, (), ())] for _ in range(nprompt)]
+    past = 0  # cache columns so far (prompt + every query slot fed)
+    fed = 0  # SID levels fed to the model so far (the same for every beam)
     calls = 0
     vocab = None
-    logits = None
+    cand = None
     with torch.inference_mode():
         cache = new_cache(model)
         for _level in range(trie.levels):
@@ -152,25 +183,54 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
             allowed = [cons[p].children_allowed(b.node) for p, bs in enumerate(beams) for b in bs]
             all_forced = all(len(a[0]) == 1 for a in allowed)
             if not all_forced:
-                idx = torch.tensor([b.crow for b in flat_beams], dtype=torch.long, device=dev)
-                cache.reorder_cache(idx)
-                fed_mask, base_ids, base_mask, base_pos, next_pos = (
-                    t.index_select(0, idx) for t in (fed_mask, base_ids, base_mask, base_pos, next_pos)
-                )
-                k = len(flat_beams[0].extra)
-                ext = torch.tensor([b.extra for b in flat_beams], dtype=torch.long, device=dev).reshape(len(flat_beams), k)
-                ids = torch.cat([base_ids, ext], dim=1)
-                step_mask = torch.cat([base_mask, torch.ones_like(ext)], dim=1)
-                pos = torch.cat([base_pos, next_pos + torch.arange(k, device=dev)], dim=1)
-                fed_mask = torch.cat([fed_mask, step_mask], dim=1)
-                logits, cache = model_forward(model, ids, cache, fed_mask, pos)
-                logits = check_finite(logits[:, -1])
+                k = len(flat_beams[0].extra)  # tokens per beam this call: the last decision + deferred forced ones
+                nmax = max(len(bs) for bs in beams)
+                ar = torch.arange(k, device=dev)
+                if past == 0:  # prefill: the prompts plus the root's forced tokens (one beam per row)
+                    ext = torch.tensor([b.extra for b in flat_beams], dtype=torch.long, device=dev).reshape(nprompt, k)
+                    ids = torch.cat([base_ids, ext], dim=1)
+                    q = width + k
+                    keys = torch.cat([prompt_cols, torch.ones_like(ext, dtype=torch.bool)], dim=1)
+                    allow = torch.ones(q, q, dtype=torch.bool, device=dev).tril()[None] & keys[:, None, :]
+                    pos = torch.cat([base_pos, plen + ar], dim=1)
+                    first_col = width  # column of beam 0's first new token
+                else:  # tree step: all live beams of a row are query tokens of that row's single cache row
+                    q = nmax * k
+                    ids = torch.full((nprompt, nmax, k), PAD, dtype=torch.long)
+                    anc = torch.zeros((nprompt, nmax, fed), dtype=torch.long)
+                    for r, bs in enumerate(beams):
+                        ids[r, : len(bs)] = torch.tensor([b.extra for b in bs], dtype=torch.long).reshape(len(bs), k)
+                        anc[r, : len(bs)] = torch.tensor([b.anc for b in bs], dtype=torch.long).reshape(len(bs), fed)
+                    ids = ids.view(nprompt, q).to(dev)
+                    allow = torch.zeros((nprompt, q, past + q), dtype=torch.bool, device=dev)
+                    allow[:, :, :width] = prompt_cols[:, None, :]
+                    if fed:  # each slot sees its beam's ancestors (padding beams: column 0, harmless)
+                        idx = anc.to(dev).repeat_interleave(k, dim=1)  # [B, q, fed]
+                        allow[:, :, :past].scatter_(2, idx, True)
+                    # the new block: causal inside each beam's k tokens, nothing across beams
+                    allow[:, :, past:] = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool)] * nmax).tril().to(dev)
+                    pos = plen + fed + ar.repeat(nmax)[None]
+                    first_col = past
+                # every slot attends at least to itself: padding slots stay finite (a NaN key would poison
+                # every query of the row through 0 * NaN)
+                allow[:, :, past : past + q] |= torch.eye(q, dtype=torch.bool, device=dev)
+                prefill = past == 0
+                logits, cache = model_forward(model, ids, cache, _additive(allow, dtype), pos, last_only=prefill)
                 calls += 1
+                if prefill:
+                    logits = logits[:, -1]
+                else:
+                    keep = torch.tensor([r * nmax + j for r, bs in enumerate(beams) for j in range(len(bs))],
+                                        dtype=torch.long, device=dev)
+                    logits = logits[:, k - 1 :: k].reshape(nprompt * nmax, -1).index_select(0, keep)
+                logits = check_finite(logits)
                 vocab = logits.shape[-1]
-                base_ids, base_mask, base_pos = ids[:, :0], step_mask[:, :0], pos[:, :0]
-                next_pos = next_pos + k
-                for i, b in enumerate(flat_beams):
-                    b.crow, b.extra = i, ()
+                for bs in beams:
+                    for j, b in enumerate(bs):
+                        c = first_col + j * k
+                        b.anc, b.extra = b.anc + tuple(range(c, c + k)), ()
+                past += q
+                fed += k
                 flat = torch.cat([a[1] + i * vocab for i, a in enumerate(allowed)]).to(dev)
                 amask = torch.zeros(len(flat_beams) * vocab, dtype=torch.bool, device=dev)
                 amask[flat] = True
@@ -188,7 +248,7 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
                 nxt = []
                 for score, seq, j, tok in picked:
                     parent = bs[j]
-                    nxt.append(_Beam(score, seq, trie.child_of[parent.node][tok], parent.crow, parent.extra + (tok,)))
+                    nxt.append(_Beam(score, seq, trie.child_of[parent.node][tok], parent.anc, parent.extra + (tok,)))
                 new_beams.append(nxt)
                 row += len(bs)
             beams = new_beams

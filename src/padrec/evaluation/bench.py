@@ -1,0 +1,171 @@
+"""Batch-1 latency of list-wise generation: our autoregressive decoder vs speculative configurations.
+
+Honest measurement (DESIGN §4): same target, same process, same users; warm-up first; every user is decoded by
+every decoder back to back (pair by pair), so machine noise hits all decoders alike; speedup = median over users
+of AR time / SD time, with the ratio of medians beside it, and τ (committed tokens per target forward).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from padrec import PadrecError
+from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference
+from padrec.decoding.trie import ItemTrie
+from padrec.evaluation.metrics import ranking_metrics
+from padrec.run import Run
+from padrec.speculative.decoder import SpecConfig, speculative_generate
+from padrec.speculative.tree import TreeConfig
+from padrec.training.sequences import items_to_tokens
+
+
+@dataclass
+class BenchConfig:
+    users: int = 100
+    warmup: int = 5
+    n_items: int = 10
+    split: str = "test"
+    seed: int = 0
+    trees: list[TreeConfig] = field(default_factory=lambda: [TreeConfig.chain(4), TreeConfig()])
+    naive_ar: bool = True  # also time the reference AR decoder (a model call for every token, forced or not)
+    hf_generate: bool = True  # also time HF `generate` with the same constraint
+
+
+def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationConfig, history=None) -> list[int]:
+    """Greedy constrained generation through Hugging Face `generate` (a second reference): the constraint is
+    replayed from the prompt at each step through `prefix_allowed_tokens_fn`."""
+    from padrec.decoding.autoregressive import make_constraint
+
+    n_prompt = len(prompt)
+    total = cfg.n_items * (trie.levels + 1)
+    state = {"cons": make_constraint(trie, prompt, cfg, history), "fed": 0}
+
+    def allowed(_batch_id, input_ids):
+        gen = input_ids[n_prompt:].tolist()
+        cons = state["cons"]
+        for tok in gen[state["fed"]:]:
+            cons.advance(tok)
+        state["fed"] = len(gen)
+        return list(cons.allowed()) if len(gen) < total else [0]
+
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, n_prompt, dtype=torch.long),
+                         max_new_tokens=total, min_new_tokens=total, do_sample=False, num_beams=1,
+                         prefix_allowed_tokens_fn=allowed, pad_token_id=0, eos_token_id=None)
+    return out[0, n_prompt:].tolist()
+
+
+def _tree_label(t: TreeConfig) -> str:
+    return f"chain γ={t.depth}" if t.kind == "chain" else f"tree d={t.depth} k={t.top_k} n={t.total_tokens}"
+
+
+def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -> dict:
+    """`drafts`: name -> Draft. Returns per-decoder rows plus per-user raw timings."""
+    model = run.load_target()
+    trie = ItemTrie(run.sids.all_item_tokens())
+    cases = run.dataset.eval_cases(cfg.split, max_history=run.info.max_history)
+    if not cases:
+        raise PadrecError(f"no {cfg.split} users to benchmark")
+    rng = random.Random(cfg.seed)
+    cases = rng.sample(cases, min(len(cases), cfg.users + cfg.warmup))
+    gen_cfg = GenerationConfig(n_items=cfg.n_items)
+    decoders: list[tuple[str, str, object]] = [("ar", "-", lambda p: generate_list(model, p, trie, gen_cfg))]
+    if cfg.naive_ar:
+        decoders.append(("ar-naive", "-", lambda p: generate_list_reference(model, p, trie, gen_cfg)))
+    if cfg.hf_generate:
+        decoders.append(("hf-generate", "-", lambda p: hf_generate_list(model, p, trie, gen_cfg)))
+    for dname, draft in drafts.items():
+        for tree in cfg.trees:
+            spec = SpecConfig(tree=tree)
+            decoders.append((f"sd {_tree_label(tree)}", dname,
+                             lambda p, d=draft, s=spec: speculative_generate(model, d, p, trie, gen_cfg, s)))
+
+    times = {i: [] for i in range(len(decoders))}
+    outputs = {i: [] for i in range(len(decoders))}
+    stats = {i: [] for i in range(len(decoders))}
+    mismatches = {i: 0 for i in range(len(decoders))}
+    with torch.inference_mode():
+        for u, case in enumerate(tqdm(cases, desc="bench users", disable=not progress)):
+            prompt = items_to_tokens(case.history, run.sids)
+            ref_tokens = None
+            for i, (_kind, _draft, fn) in enumerate(decoders):
+                t0 = time.perf_counter()
+                res = fn(prompt)
+                dt = time.perf_counter() - t0
+                tokens = res if isinstance(res, list) else res.tokens
+                if u < cfg.warmup:
+                    continue
+                if i == 0:
+                    ref_tokens = tokens
+                elif tokens != ref_tokens:
+                    mismatches[i] += 1
+                times[i].append(dt)
+                outputs[i].append(trie.parse_items(tokens) if isinstance(res, list) else res.items)
+                stats[i].append(getattr(res, "stats", None) or {"target_forwards": getattr(res, "model_calls", None)})
+    targets = [c.targets for c in cases[cfg.warmup:]]
+    rows = []
+    ar_times = times[0]
+    for i, (kind, dname, _fn) in enumerate(decoders):
+        t = times[i]
+        ratios = [a / b for a, b in zip(ar_times, t)]
+        st = stats[i]
+        tokens_total = cfg.n_items * (trie.levels + 1)
+        fwd = [s.get("target_forwards") for s in st if s.get("target_forwards")]
+        row = {
+            "decoder": kind, "draft": dname,
+            "tau": statistics.mean(tokens_total / f for f in fwd) if fwd else None,
+            "median_ms": 1000 * statistics.median(t),
+            "speedup": statistics.median(ratios),
+            "speedup_of_medians": statistics.median(ar_times) / statistics.median(t),
+            "identical_to_ar": f"{len(t) - mismatches[i]}/{len(t)}" if i else "ref",
+            "draft_share": statistics.mean(s["draft_time_share"] for s in st) if "draft_time_share" in st[0] else None,
+            **{k: v for k, v in ranking_metrics(outputs[i], targets, ks=(10,)).items()},
+        }
+        if "accept_by_depth" in st[0]:
+            row["accept_by_depth"] = _sum_rates([s["accept_by_depth"] for s in st])
+            row["accept_by_slot"] = _sum_rates([s["accept_by_slot"] for s in st])
+        rows.append(row)
+    return {"rows": rows, "users": len(ar_times), "warmup": cfg.warmup, "n_items": cfg.n_items,
+            "threads": torch.get_num_threads()}
+
+
+def _sum_rates(per_user: list[list[list[int]]]) -> list[float | None]:
+    n = len(per_user[0])
+    att = [sum(u[j][0] for u in per_user) for j in range(n)]
+    acc = [sum(u[j][1] for u in per_user) for j in range(n)]
+    return [a / b if b else None for a, b in zip(acc, att)]
+
+
+def plot_acceptance(result: dict, out) -> object | None:
+    """Acceptance rate by draft depth and by within-item slot, one line per speculative configuration."""
+    rows = [r for r in result["rows"] if "accept_by_depth" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        label = f"{r['draft']}: {r['decoder']}"
+        d = r["accept_by_depth"]
+        ax1.plot(range(1, len(d) + 1), [x if x is not None else float("nan") for x in d], marker="o", label=label)
+        s = r["accept_by_slot"]
+        ax2.plot(range(len(s)), [x if x is not None else float("nan") for x in s], marker="s", label=label)
+    ax1.set(xlabel="draft depth", ylabel="acceptance rate", title="acceptance by depth", ylim=(0, 1.05))
+    n_slots = len(rows[0]["accept_by_slot"])
+    ax2.set_xticks(range(n_slots), [f"level {i}" for i in range(n_slots - 1)] + ["SEP"])
+    ax2.set(ylabel="acceptance rate", title="acceptance by within-item slot", ylim=(0, 1.05))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,33 @@
+"""The speculative path end to end through the CLI: train drafts for a tiny run, then bench them against AR."""
+
+import json
+import shutil
+
+from padrec.cli import main
+
+
+def test_train_drafts_and_bench(synth_env, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["train-draft", "--run", str(run), "--draft", "eagle", "--epochs", "1"]) == 0
+    assert main(["train-draft", "--run", str(run), "--draft", "lm", "--epochs", "1"]) == 0
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--run", str(run), "--drafts", "eagle,lm", "--users", "4", "--warmup", "1",
+               "--n-items", "3", "--chain", "3", "--tree", "3,2,6", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {(r["decoder"], r["draft"]): r for r in result["rows"]}
+    assert ("ar", "-") in rows and ("ar-naive", "-") in rows and ("hf-generate", "-") in rows
+    sd = [r for r in result["rows"] if r["decoder"].startswith("sd")]
+    assert len(sd) == 4
+    for r in result["rows"][1:]:
+        assert r["identical_to_ar"] == "4/4", r  # lossless: every decoder wrote the AR tokens
+    for r in sd:
+        assert 1.0 <= r["tau"] <= 3 * 4
+        assert all(x is None or 0.0 <= x <= 1.0 for x in r["accept_by_depth"] + r["accept_by_slot"])
+    assert out.with_suffix(".png").is_file()
+
+
+def test_bench_refuses_unknown_draft(synth_env, trained_run, capsys):
+    assert main(["bench", "--run", str(trained_run), "--drafts", "nope", "--users", "2"]) == 2
+    assert "nope" in capsys.readouterr().err
