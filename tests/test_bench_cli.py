@@ -27,6 +27,16 @@ def test_train_drafts_and_bench(synth_env, trained_run, tmp_path):
         assert all(x is None or 0.0 <= x <= 1.0 for x in r["accept_by_depth"] + r["accept_by_slot"])
     assert out.with_suffix(".png").is_file()
 
+    # recommend --decoder sd writes the same lists as the autoregressive decoder, plus τ
+    ar_out, sd_out = tmp_path / "ar.jsonl", tmp_path / "sd.jsonl"
+    common = ["recommend", "--run", str(run), "--mode", "list", "--n-items", "3", "--limit", "6"]
+    assert main(common + ["--out", str(ar_out)]) == 0
+    assert main(common + ["--out", str(sd_out), "--decoder", "sd", "--draft", "eagle", "--tree", "3,2,6"]) == 0
+    ar_rows = [json.loads(x) for x in ar_out.read_text().splitlines()]
+    sd_rows = [json.loads(x) for x in sd_out.read_text().splitlines()]
+    assert [r["items"] for r in sd_rows] == [r["items"] for r in ar_rows]
+    assert all(r["tau"] >= 1.0 for r in sd_rows)
+
 
 def test_bench_refuses_unknown_draft(synth_env, trained_run, capsys):
     assert main(["bench", "--run", str(trained_run), "--drafts", "nope", "--users", "2"]) == 2

@@ -28,6 +28,7 @@ class Recommender:
         self.run = Run(run_dir)
         self.model = self.run.load_target()
         self.trie = ItemTrie(self.run.sids.all_item_tokens())
+        self._drafts: dict = {}
 
     @cached_property
     def _dense_of_raw(self) -> dict[str, int]:
@@ -57,6 +58,24 @@ class Recommender:
                 return res.items, res.scores
             res = generate_list(self.model, prompt, self.trie, cfg.generation_config(), history=history)
             return res.items, None
+
+    def draft(self, name: str):
+        from padrec.drafts.registry import load_draft
+
+        if name not in self._drafts:
+            self._drafts[name] = load_draft(self.run, name)
+        return self._drafts[name]
+
+    def recommend_speculative(self, history: list[int], cfg: RankConfig, draft: str, spec=None) -> tuple[list[int], float]:
+        """List mode through speculative decoding: the same list as `recommend_dense` (greedy: token for token),
+        plus τ, the tokens committed per target forward."""
+        from padrec.speculative.decoder import speculative_generate
+
+        prompt = items_to_tokens(history[-self.run.info.max_history:], self.run.sids)
+        with torch.inference_mode():
+            res = speculative_generate(self.model, self.draft(draft), prompt, self.trie, cfg.generation_config(),
+                                       spec, history=history)
+        return res.items, res.stats["tau"]
 
     def recommend(self, raw_history, k: int = 10, mode: str = "beam", **kw) -> list[dict]:
         if k < 1:

@@ -126,6 +126,8 @@ def cmd_evaluate(a) -> None:
 
 
 def cmd_recommend(a) -> None:
+    from tqdm.auto import tqdm
+
     from padrec.api import Recommender
     from padrec.evaluation.evaluate import rank_histories
     from padrec.tokenizer.semantic_ids import atomic_write_text
@@ -144,11 +146,26 @@ def cmd_recommend(a) -> None:
     cases = rec.run.dataset.eval_cases(a.dataset_split, max_history=rec.run.info.max_history)
     if a.limit:
         cases = cases[: a.limit]
-    rankings = rank_histories(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg)
     items = rec.run.dataset.items
-    lines = [json.dumps({"user": c.user, "items": [items[i].raw_id for i in r]}) for c, r in zip(cases, rankings)]
+    if a.decoder == "sd":
+        if cfg.mode != "list":
+            raise PadrecError("--decoder sd works in list mode (--mode list); speculative beam search is not built yet")
+        spec = _spec_config(a)
+        lines = []
+        for c in tqdm(cases, desc="speculative decoding", unit="user"):
+            ranked, tau = rec.recommend_speculative(list(c.history), cfg, a.draft, spec)
+            lines.append(json.dumps({"user": c.user, "items": [items[i].raw_id for i in ranked], "tau": tau}))
+    else:
+        rankings = rank_histories(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg)
+        lines = [json.dumps({"user": c.user, "items": [items[i].raw_id for i in r]}) for c, r in zip(cases, rankings)]
     atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
     console.print(f"wrote {len(lines)} users' {cfg.mode} lists to {a.out}")
+
+
+def _spec_config(a):
+    from padrec.speculative.decoder import SpecConfig
+
+    return SpecConfig(tree=_tree_configs(a)[0])
 
 
 def _tree_configs(a) -> list:
@@ -251,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--history", default=None, help="comma-separated item ids (the dataset's own ids)")
+    p.add_argument("--decoder", default="ar", choices=["ar", "sd"], help="sd: speculative decoding (list mode)")
+    p.add_argument("--draft", default="eagle", help="draft name for --decoder sd")
+    p.add_argument("--chain", default=None, help="sd: chain of γ drafted tokens (instead of a tree)")
+    p.add_argument("--tree", default="5,4,24", help="sd: DEPTH,TOPK,TOTAL of the dynamic tree")
     _rank_args(p, "beam")
     p.set_defaults(func=cmd_recommend)
 

@@ -25,6 +25,9 @@ class TargetPreset:
 PRESETS: dict[str, TargetPreset] = {
     "tiny": TargetPreset(layers=2, hidden=32, heads=2, intermediate=64),
     "small": TargetPreset(layers=4, hidden=256, heads=4, intermediate=768),
+    # deep and narrow: latency-bound at batch 1 like a large model on a GPU (verifying many tokens costs about
+    # as much as one step), the CPU setting where speculative decoding pays off.
+    "deep": TargetPreset(layers=12, hidden=256, heads=4, intermediate=768),
     "medium": TargetPreset(layers=8, hidden=512, heads=8, intermediate=1536),
     "large": TargetPreset(layers=12, hidden=768, heads=12, intermediate=2304),
 }
