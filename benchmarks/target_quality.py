@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--datasets", default="beauty,games,toys,yelp")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--budget-min", type=float, default=8.0, help="training time budget per dataset")
-    ap.add_argument("--limit-users", type=int, default=None, help="evaluate only the first N test users")
+    ap.add_argument("--limit-users", type=int, default=None, help="beam mode: evaluate only the first N test users")
+    ap.add_argument("--list-limit-users", type=int, default=None, help="list mode: only the first N test users")
     ap.add_argument("--runs-dir", default="runs/quality")
     a = ap.parse_args()
 
@@ -44,9 +45,11 @@ def main() -> None:
         tok_s = time.time() - t0
         train = train_target(run, TrainConfig(preset=a.preset, epochs=30, time_budget_min=a.budget_min))
         plot_training_curve(run)
-        res = evaluate(run, "test", [RankConfig(mode="beam", beam_size=20), RankConfig(mode="list", n_items=10)],
-                       limit=a.limit_users)
-        details[name] = {"run": str(run_dir), "tokenize_seconds": tok_s, "train": train, "test": res["results"]}
+        model = run.load_target()
+        res = evaluate(run, "test", [RankConfig(mode="beam", beam_size=20)], limit=a.limit_users, model=model)
+        res_list = evaluate(run, "test", [RankConfig(mode="list", n_items=10)], limit=a.list_limit_users, model=model)
+        details[name] = {"run": str(run_dir), "tokenize_seconds": tok_s, "train": train,
+                         "test": res["results"] + res_list["results"]}
         atomic_write_text(OUT, json.dumps({"command": "benchmarks/target_quality.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None),
             "machine": machine_description(), "datasets": details}, indent=2))

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from padrec import PadrecError
-from padrec.models.checkpoint import _sha256, read_meta, replace_dir_atomically
+from padrec.models.checkpoint import _sha256, read_meta, write_dir_atomically
 
 META = "draft.json"
 WEIGHTS = "model.safetensors"
@@ -77,19 +75,9 @@ def save_draft_dir(path: Path, state_dict: dict[str, torch.Tensor], meta: dict,
     """Write weights (+ optional training state) and draft.json into `path` atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
-        if train_state is not None:
-            torch.save(train_state, tmp / "train_state.pt")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
-        replace_dir_atomically(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    write_dir_atomically(path, lambda tmp: save_file(weights, str(tmp / WEIGHTS)), meta, meta_name=META,
+                         train_state=train_state)
 
 
 def read_draft_meta(path: Path) -> dict:

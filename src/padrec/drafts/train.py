@@ -37,9 +37,7 @@ from padrec.training.sequences import (
     IGNORE,
     collate,
     length_bucketed_batches,
-    lm_example,
-    next_item_example,
-    training_windows,
+    run_examples,
 )
 
 
@@ -212,14 +210,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     if identity["target_hidden_size"] != target.config.get_text_config().hidden_size:
         raise PadrecError(f"target config.json and the loaded target disagree on the hidden size ({run.target_dir})")
 
-    ds, sids = run.dataset, run.sids
-    windows = training_windows(ds.train_sequences(), run.info.max_history + 1)
-    if not windows:
-        raise PadrecError(f"dataset {ds.name!r} has no training sequences")
-    train_examples = [lm_example(w, sids, loss_from_item=lf) for w, lf in windows]
-    valid_cases = ds.eval_cases("valid", max_history=run.info.max_history)
-    valid_cases = random.Random(cfg.seed).sample(valid_cases, min(len(valid_cases), cfg.max_valid_cases))
-    valid_examples = [next_item_example(c.history, t, sids) for c in valid_cases for t in c.targets[:1]]
+    train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
     lengths = [len(ids) for ids, _ in train_examples]
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -285,7 +276,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
             tokens += int(batch["attention_mask"].sum())
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{run_loss / max(1, run_n):.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
-        val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, sids.vocab.levels)
+        val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, run.sids.vocab.levels)
         seconds = time.time() - t0
         improved = val["valid_agreement"] > best + 1e-6
         bad_epochs = 0 if improved else bad_epochs + 1

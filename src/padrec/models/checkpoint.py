@@ -40,21 +40,31 @@ def replace_dir_atomically(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, path: Path, meta: dict, extra_tensors: dict[str, object] | None = None) -> None:
-    """Write `model` (and optionally a torch-saved training state) to `path` atomically."""
+def write_dir_atomically(path: Path, write_files, meta: dict, meta_name: str = META,
+                         train_state: dict | None = None) -> None:
+    """Create folder `path` atomically: `write_files(tmp)` writes the payload into a temp folder next to it,
+    then an optional torch-saved training state and the metadata file (with the sha256 of every file) are
+    added, and the temp folder is swapped into place. On any failure the temp folder is removed and an
+    existing `path` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if extra_tensors is not None:
-            torch.save(extra_tensors, tmp / "train_state.pt")
+        write_files(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
+        (tmp / meta_name).write_text(json.dumps({**meta, "files": files}, indent=2))
         replace_dir_atomically(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(model, path: Path, meta: dict, extra_tensors: dict[str, object] | None = None) -> None:
+    """Write `model` (and optionally a torch-saved training state) to `path` atomically."""
+    write_dir_atomically(path, lambda tmp: model.save_pretrained(tmp, safe_serialization=True), meta,
+                         train_state=extra_tensors)
 
 
 def read_meta(path: Path) -> dict:

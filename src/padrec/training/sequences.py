@@ -92,3 +92,19 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ran
         batches.extend(part[b : b + batch_size] for b in range(0, len(part), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def run_examples(run, max_valid_cases: int, seed: int):
+    """Training examples (each user's training items in windows, loss on SID tokens) and validation examples
+    (a sample of validation users: history -> first validation item) of a run; used by every trainer."""
+    from padrec import PadrecError
+
+    ds, sids = run.dataset, run.sids
+    windows = training_windows(ds.train_sequences(), run.info.max_history + 1)
+    if not windows:
+        raise PadrecError(f"dataset {ds.name!r} has no training sequences")
+    train = [lm_example(w, sids, loss_from_item=lf) for w, lf in windows]
+    cases = ds.eval_cases("valid", max_history=run.info.max_history)
+    cases = random.Random(seed).sample(cases, min(len(cases), max_valid_cases))
+    valid = [next_item_example(c.history, t, sids) for c in cases for t in c.targets[:1]]
+    return train, valid

@@ -17,7 +17,7 @@ from padrec.models.checkpoint import load_checkpoint, load_train_state, read_met
 from padrec.models.target import build_target, get_preset, preset_dict
 from padrec.run import Run
 from padrec.tokenizer.semantic_ids import atomic_write_text
-from padrec.training.sequences import collate, length_bucketed_batches, lm_example, next_item_example, training_windows
+from padrec.training.sequences import collate, length_bucketed_batches, run_examples
 
 
 @dataclass
@@ -75,15 +75,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
         torch.set_num_threads(cfg.threads)
     if not cfg.base_model:
         get_preset(cfg.preset)  # an unknown preset is the error to report, not a resume mismatch
-    ds, sids = run.dataset, run.sids
-    max_items = run.info.max_history + 1
-    windows = training_windows(ds.train_sequences(), max_items)
-    if not windows:
-        raise PadrecError(f"dataset {ds.name!r} has no training sequences")
-    train_examples = [lm_example(w, sids, loss_from_item=lf) for w, lf in windows]
-    valid_cases = ds.eval_cases("valid", max_history=run.info.max_history)
-    valid_cases = random.Random(cfg.seed).sample(valid_cases, min(len(valid_cases), cfg.max_valid_cases))
-    valid_examples = [next_item_example(c.history, t, sids) for c in valid_cases for t in c.targets[:1]]
+    train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
     lengths = [len(ids) for ids, _ in train_examples]
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     planned_epochs = cfg.epochs
