@@ -196,7 +196,7 @@ def cmd_bench(a) -> None:
     import torch
 
     from padrec.drafts.registry import load_draft
-    from padrec.evaluation.bench import BenchConfig, plot_acceptance, run_bench
+    from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
     from padrec.pipeline import machine_description
     from padrec.run import Run
     from padrec.tokenizer.semantic_ids import atomic_write_text
@@ -212,7 +212,7 @@ def cmd_bench(a) -> None:
     result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
     out = Path(a.out) if a.out else run.results_dir / "bench.json"
     atomic_write_text(out, json.dumps(result, indent=2))
-    shown = [{k: v for k, v in r.items() if not k.startswith("accept_by")} for r in result["rows"]]
+    shown = display_rows(result["rows"])
     console.print(table(shown, title=f"{run.info.dataset}: batch-1 list-wise greedy, {cfg.n_items} items, "
                                      f"{result['users']} users, {result['threads']} threads"))
     png = plot_acceptance(result, out.with_suffix(".png"))

@@ -10,7 +10,7 @@ import torch
 
 from padrec.drafts.registry import load_draft
 from padrec.drafts.train import DraftTrainConfig, train_draft
-from padrec.evaluation.bench import BenchConfig, plot_acceptance, run_bench
+from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
 from padrec.evaluation.evaluate import RankConfig
 from padrec.pipeline import evaluate, machine_description, metrics_table, plot_training_curve, tokenize
 from padrec.run import Run
@@ -70,7 +70,7 @@ def run_demo(out: Path, dataset: str = "beauty", preset: str = "small", time_bud
     atomic_write_text(run.results_dir / "demo.json", json.dumps(summary, indent=2))
     console.rule("summary")
     console.print(metrics_table(result["results"], title=f"{dataset} test — {result['results'][0]['users']} users"))
-    console.print(table([{k: v for k, v in r.items() if not k.startswith("accept_by")} for r in bench["rows"]],
+    console.print(table(display_rows(bench["rows"]),
                         title=f"batch-1 latency, {bench['users']} test users, {bench['n_items']} items "
                               f"(speedup = AR time / decoder time, median over users)"))
     console.print(table([{

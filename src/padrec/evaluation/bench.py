@@ -61,7 +61,20 @@ def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationCo
 
 
 def _tree_label(t: TreeConfig) -> str:
-    return f"chain γ={t.depth}" if t.kind == "chain" else f"tree d={t.depth} k={t.top_k} n={t.total_tokens}"
+    return f"chain{t.depth}" if t.kind == "chain" else f"tree{t.depth}x{t.top_k}/{t.total_tokens}"
+
+
+def display_rows(rows: list[dict]) -> list[dict]:
+    """Bench rows as a narrow table: rounded, and without the per-depth/per-slot lists (they go to the plot)."""
+    def r(x, nd):
+        return "-" if x is None else round(x, nd)
+
+    return [{
+        "decoder": row["decoder"], "draft": row["draft"], "τ": r(row["tau"], 2), "ms": r(row["median_ms"], 1),
+        "speedup": r(row["speedup"], 2), "same": row["identical_to_ar"], "draft%": r(
+            None if row["draft_share"] is None else 100 * row["draft_share"], 0),
+        "R@10": r(row["recall@10"], 4), "N@10": r(row["ndcg@10"], 4),
+    } for row in rows]
 
 
 def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -> dict:
@@ -131,6 +144,7 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
             row["accept_by_slot"] = _sum_rates([s["accept_by_slot"] for s in st])
         rows.append(row)
     return {"rows": rows, "users": len(ar_times), "warmup": cfg.warmup, "n_items": cfg.n_items,
+            "speedup_definition": "median over users of (AR time / decoder time), same user back to back",
             "threads": torch.get_num_threads()}
 
 

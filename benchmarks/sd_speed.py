@@ -1,0 +1,83 @@
+"""Batch-1 speculative-decoding speed on trained runs: train the drafts if missing, then bench AR vs SD.
+
+    .venv/bin/python benchmarks/sd_speed.py --runs runs/quality/beauty,runs/quality/toys [--drafts eagle,lm]
+        [--users 100] [--chain 3,5] [--tree "5,4,16;6,6,32"] [--draft-budget-min 5] [--threads 1]
+        [--out benchmarks/results/sd_speed.json]
+
+Per run it prints the table of `padrec bench` and writes all rows (with the command, commit and machine) to one
+JSON file, merged with what is already there, so datasets can be added one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from padrec.drafts.registry import list_drafts, load_draft
+from padrec.drafts.train import DraftTrainConfig, train_draft
+from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
+from padrec.pipeline import machine_description
+from padrec.run import Run
+from padrec.speculative.tree import TreeConfig
+from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.ui import console, table
+
+
+def trees(chain: str, tree: str) -> list[TreeConfig]:
+    out = [TreeConfig.chain(int(g)) for g in chain.split(",") if g]
+    for spec in (tree.split(";") if tree else []):
+        d, k, n = (int(x) for x in spec.split(","))
+        out.append(TreeConfig(kind="tree", depth=d, top_k=k, total_tokens=n))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--drafts", default="eagle,lm")
+    ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--chain", default="3,5")
+    ap.add_argument("--tree", default="5,4,16;6,6,32")
+    ap.add_argument("--draft-epochs", type=int, default=4)
+    ap.add_argument("--draft-budget-min", type=float, default=6.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sd_speed.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    out = Path(a.out)
+    results = json.loads(out.read_text())["runs"] if out.is_file() else {}
+    for run_dir in a.runs.split(","):
+        run = Run(run_dir)
+        have = list_drafts(run)
+        drafts = {}
+        for kind in a.drafts.split(","):
+            if kind not in have:
+                train_draft(run, DraftTrainConfig(kind=kind, epochs=a.draft_epochs, time_budget_min=a.draft_budget_min,
+                                                  threads=a.threads))
+            drafts[kind] = load_draft(run, kind)
+        cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=trees(a.chain, a.tree), naive_ar=not a.no_naive,
+                          hf_generate=not a.no_hf)
+        res = run_bench(run, drafts, cfg)
+        res["target"] = json.loads((run.target_dir / "padrec.json").read_text()).get("preset")
+        res["dataset"] = run.info.dataset
+        key = f"{run.info.dataset}:{Path(run_dir).name}"
+        results[key] = res
+        shown = display_rows(res["rows"])
+        console.print(table(shown, title=f"{key}: batch-1 list-wise greedy, {res['users']} users, "
+                                         f"{res['threads']} thread(s)"))
+        plot_acceptance(res, out.parent / f"sd_speed_{run.info.dataset}_{Path(run_dir).name}.png")
+        atomic_write_text(out, json.dumps({"command": " ".join(["benchmarks/sd_speed.py"] + sys.argv[1:]),
+                                           "machine": machine_description(), "runs": results}, indent=2))
+    console.print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
