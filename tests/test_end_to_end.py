@@ -75,3 +75,20 @@ def test_recommend_history_prints(synth_env, trained_run, capsys):
     out = capsys.readouterr().out
     assert "recommendations" in out
     assert any(f"I{i:03d}" in out for i in range(60))
+
+
+@pytest.mark.parametrize("method", ["rq-vae", "rq-kmeans-shared"])
+def test_other_tokenizers_run_end_to_end(synth_env, tmp_path, method):
+    """RQ-VAE IDs, and the shared code vocabulary (a token does not reveal its level), through the whole pipeline."""
+    run = tmp_path / method
+    extra = ["--sids", "rq-vae"] if method == "rq-vae" else ["--vocab", "shared"]
+    assert main(["tokenize", "--dataset", "synth", "--run", str(run), "--levels", "2", "--codebook-size", "8",
+                 *extra]) == 0
+    sids = json.loads((run / "sids.json").read_text())
+    assert sids["vocab"]["layout"] == ("shared" if method.endswith("shared") else "per_level")
+    assert main(["train-target", "--run", str(run), "--preset", "tiny", "--epochs", "1", "--threads", "1"]) == 0
+    out = tmp_path / "recs.jsonl"
+    assert main(["recommend", "--run", str(run), "--out", str(out), "--limit", "10", "--mode", "list"]) == 0
+    for row in _read_jsonl(out):
+        assert len(row["items"]) == 10 and len(set(row["items"])) == 10
+        assert set(row["items"]) <= set(synth_env.raw_ids)
