@@ -68,12 +68,12 @@ def main() -> None:
         res = run_bench(run, drafts, cfg)
         res["target"] = json.loads((run.target_dir / "padrec.json").read_text()).get("preset")
         res["dataset"] = run.info.dataset
-        key = f"{run.info.dataset}:{Path(run_dir).name}"
+        key = str(run_dir)
         results[key] = res
         shown = display_rows(res["rows"])
         console.print(table(shown, title=f"{key}: batch-1 list-wise greedy, {res['users']} users, "
                                          f"{res['threads']} thread(s)"))
-        plot_acceptance(res, out.parent / f"sd_speed_{run.info.dataset}_{Path(run_dir).name}.png")
+        plot_acceptance(res, out.parent / f"sd_speed_{str(run_dir).strip('/').replace('/', '_')}.png")
         atomic_write_text(out, json.dumps({"command": " ".join(["benchmarks/sd_speed.py"] + sys.argv[1:]),
                                            "machine": machine_description(), "runs": results}, indent=2))
     console.print(f"written to {out}")
