@@ -21,7 +21,7 @@ from padrec.ui import console, table
 
 # The full demo must finish in 15 minutes on 2 cores: ~1 min tokenizing, the target's training budget, ~2.5 min
 # evaluating, the draft's training budget, ~1 min benchmarking.
-DEFAULT_TRAIN_BUDGET_MIN = 6.0
+DEFAULT_TRAIN_BUDGET_MIN = 8.0
 DRAFT_BUDGET_MIN = 1.5
 BENCH_USERS = 20
 
