@@ -78,7 +78,8 @@ def display_rows(rows: list[dict]) -> list[dict]:
 
 
 def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -> dict:
-    """`drafts`: name -> Draft. Returns per-decoder rows plus per-user raw timings."""
+    """`drafts`: name -> Draft. Returns one row per decoder (τ, median latency, speedup, equality with AR,
+    Recall/NDCG@10, acceptance by depth and slot) and the run settings."""
     model = run.load_target()
     trie = ItemTrie(run.sids.all_item_tokens())
     cases = run.dataset.eval_cases(cfg.split, max_history=run.info.max_history)
