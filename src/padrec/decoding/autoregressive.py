@@ -103,15 +103,21 @@ def new_cache(model):
         return DynamicCache()
 
 
-def model_forward(model, input_ids, cache, attention_mask=None, position_ids=None, last_only=True):
-    """One forward pass with the KV cache (updated in place). Returns logits [B, T or 1, V] and the cache."""
-    cache_kw, has_keep = _forward_kwargs(model)
-    kwargs = {cache_kw: cache, "use_cache": True}
+def cache_kwargs(module, cache, attention_mask=None, position_ids=None) -> dict:
+    """Keyword arguments of a cached forward of `module` (an HF model or its decoder), under whichever name its
+    forward takes the cache."""
+    kwargs = {_forward_kwargs(module)[0]: cache, "use_cache": True}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if last_only and has_keep:
+    return kwargs
+
+
+def model_forward(model, input_ids, cache, attention_mask=None, position_ids=None, last_only=True):
+    """One forward pass with the KV cache (updated in place). Returns logits [B, T or 1, V] and the cache."""
+    kwargs = cache_kwargs(model, cache, attention_mask, position_ids)
+    if last_only and _forward_kwargs(model)[1]:
         kwargs["logits_to_keep"] = 1
     out = model(input_ids=input_ids, **kwargs)
     new = getattr(out, "cache", None)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from padrec import PadrecError
-from padrec.decoding.autoregressive import _forward_kwargs
+from padrec.decoding.autoregressive import cache_kwargs
 
 __all__ = [
     "additive_mask",
@@ -104,13 +104,7 @@ def decoder_forward(model, input_ids, cache, attention_mask=None, position_ids=N
     (`config.final_logit_softcapping`, Gemma 2 style) is applied like the model's own forward would.
     """
     base = model.get_decoder()
-    cache_kw, _ = _forward_kwargs(base)
-    kwargs = {cache_kw: cache, "use_cache": True}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    out = base(input_ids=input_ids, **kwargs)
+    out = base(input_ids=input_ids, **cache_kwargs(base, cache, attention_mask, position_ids))
     hidden = out.last_hidden_state
     h = hidden if head_rows is None else hidden[:, head_rows]
     logits = model.get_output_embeddings()(h)
