@@ -18,7 +18,6 @@ from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.evaluate import RankConfig
 from padrec.run import Run
-from padrec.training.sequences import items_to_tokens
 
 
 class Recommender:
@@ -50,7 +49,7 @@ class Recommender:
     def recommend_dense(self, history: list[int], cfg: RankConfig) -> tuple[list[int], list[float] | None]:
         if cfg.list_length > self.trie.num_items:
             raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
-        prompt = items_to_tokens(history[-self.run.info.max_history:], self.run.sids)
+        prompt = self.run.prompt(history)
         with torch.inference_mode():
             if cfg.mode == "beam":
                 res = beam_search_items(self.model, prompt, self.trie, cfg.beam_size, cfg.beam_size,
@@ -71,7 +70,7 @@ class Recommender:
         plus τ, the tokens committed per target forward."""
         from padrec.speculative.decoder import speculative_generate
 
-        prompt = items_to_tokens(history[-self.run.info.max_history:], self.run.sids)
+        prompt = self.run.prompt(history)
         with torch.inference_mode():
             res = speculative_generate(self.model, self.draft(draft), prompt, self.trie, cfg.generation_config(),
                                        spec, history=history)

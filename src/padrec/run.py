@@ -67,6 +67,12 @@ class Run:
             )
         return ds
 
+    def prompt(self, history) -> list[int]:
+        """The prompt of a history (dense item ids, oldest first): its last `max_history` items as tokens."""
+        from padrec.training.sequences import items_to_tokens
+
+        return items_to_tokens(list(history)[-self.info.max_history:], self.sids)
+
     @property
     def target_dir(self) -> Path:
         return self.path / "target"

@@ -33,6 +33,7 @@ from padrec.drafts.registry import (
     save_draft_dir,
     target_identity,
 )
+from padrec.training.schedule import stop_reason, warmup_cosine_lr
 from padrec.training.sequences import (
     IGNORE,
     collate,
@@ -71,13 +72,6 @@ class DraftTrainConfig:
     @property
     def draft_name(self) -> str:
         return self.name or self.kind
-
-
-def _lr_at(step: int, total: int, cfg: DraftTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class TargetFeatures:
@@ -261,7 +255,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         for b, idx in enumerate(bar):
             step = epoch * steps_per_epoch + b
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total_steps, cfg)
+                g["lr"] = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps)
             batch = collate([train_examples[i] for i in idx])
             H = train_feats(idx, batch)
             if not _positions(batch).any():
@@ -281,20 +275,16 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         improved = val["valid_agreement"] > best + 1e-6
         bad_epochs = 0 if improved else bad_epochs + 1
         elapsed = sum(h["seconds"] for h in history) + seconds
-        stop_reason = None
-        if bad_epochs >= cfg.patience:
-            stop_reason = f"no validation improvement for {cfg.patience} epochs"
-        elif cfg.time_budget_min is not None and elapsed > cfg.time_budget_min * 60:
-            stop_reason = f"time budget of {cfg.time_budget_min} min reached"
+        reason = stop_reason(bad_epochs, cfg.patience, elapsed, cfg.time_budget_min)
         entry = {"epoch": epoch + 1, "train_loss": run_loss / max(1, run_n), **val, "improved": improved,
                  "seconds": seconds, "tokens_per_s": tokens / seconds, "features_cached": train_feats.enabled,
-                 "stop_reason": stop_reason}
+                 "stop_reason": reason}
         history.append(entry)
         if progress:
             tqdm.write(
                 f"{name} epoch {epoch + 1}: train {entry['train_loss']:.4f}  valid {val['valid_loss']:.4f}  "
                 f"agree {val['valid_agreement']:.3f}{'  *best*' if improved else ''}  ({seconds:.0f}s)"
-                + (f"  stop: {stop_reason}" if stop_reason else "")
+                + (f"  stop: {reason}" if reason else "")
             )
         meta = {**base_meta, "epoch": epoch + 1, "history": history}
         if improved:
@@ -302,7 +292,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
             save_draft_dir(best_path, model.state_dict(), {**meta, **val})
         train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
         save_draft_dir(last_path, model.state_dict(), meta, train_state=train_state)
-        stopped = stop_reason
+        stopped = reason
 
     if not best_path.exists():
         raise PadrecError("draft training produced no checkpoint (zero epochs?)")

@@ -22,7 +22,6 @@ from padrec.evaluation.metrics import ranking_metrics
 from padrec.run import Run
 from padrec.speculative.decoder import SpecConfig, speculative_generate
 from padrec.speculative.tree import TreeConfig
-from padrec.training.sequences import items_to_tokens
 
 
 @dataclass
@@ -105,7 +104,7 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
     mismatches = {i: 0 for i in range(len(decoders))}
     with torch.inference_mode():
         for u, case in enumerate(tqdm(cases, desc="bench users", disable=not progress)):
-            prompt = items_to_tokens(case.history, run.sids)
+            prompt = run.prompt(case.history)
             ref_tokens = None
             for i, (_kind, _draft, fn) in enumerate(decoders):
                 t0 = time.perf_counter()

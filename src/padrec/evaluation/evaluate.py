@@ -15,7 +15,6 @@ from padrec.decoding.beam import beam_search_items_batch
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.metrics import KS, ranking_metrics
 from padrec.run import Run
-from padrec.training.sequences import items_to_tokens
 
 MODES = ("beam", "list")
 
@@ -55,8 +54,7 @@ def rank_histories(model, run: Run, trie: ItemTrie, histories: list[tuple[int, .
     """Ranked item lists (dense ids) for each history, in chunks so the progress bar moves."""
     if cfg.list_length > trie.num_items:
         raise PadrecError(f"asked for {cfg.list_length} items but the catalogue has only {trie.num_items}")
-    sids = run.sids
-    prompts = [items_to_tokens(h[-run.info.max_history:], sids) for h in histories]
+    prompts = [run.prompt(h) for h in histories]
     generator = torch.Generator().manual_seed(seed) if cfg.do_sample else None
     chunk = cfg.batch_size * 4
     out: list[list[int]] = []

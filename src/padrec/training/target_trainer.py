@@ -17,6 +17,7 @@ from padrec.models.checkpoint import load_checkpoint, load_train_state, read_met
 from padrec.models.target import build_target, get_preset, preset_dict
 from padrec.run import Run
 from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.training.schedule import stop_reason, warmup_cosine_lr
 from padrec.training.sequences import collate, length_bucketed_batches, run_examples
 
 
@@ -36,13 +37,6 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     base_model: str | None = None  # a local HF causal-LM checkpoint to fine-tune instead of a preset
-
-
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.inference_mode()
@@ -119,7 +113,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
         for b, idx in enumerate(bar):
             step = epoch * steps_per_epoch + b
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps_per_epoch * planned_epochs, cfg)
+                g["lr"] = warmup_cosine_lr(step, steps_per_epoch * planned_epochs, cfg.lr, cfg.warmup_steps)
             batch = collate([train_examples[i] for i in idx])
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
@@ -138,13 +132,9 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
         elapsed = sum(h["seconds"] for h in history) + seconds
         if epoch == 0 and cfg.time_budget_min is not None:
             planned_epochs = min(cfg.epochs, max(2, int(cfg.time_budget_min * 60 // seconds)))
-        stop_reason = None
-        if bad_epochs >= cfg.patience:
-            stop_reason = f"no validation improvement for {cfg.patience} epochs"
-        elif cfg.time_budget_min is not None and elapsed > cfg.time_budget_min * 60:
-            stop_reason = f"time budget of {cfg.time_budget_min} min reached"
-        elif epoch + 1 >= planned_epochs:
-            stop_reason = f"planned {planned_epochs} epochs done"
+        reason = stop_reason(bad_epochs, cfg.patience, elapsed, cfg.time_budget_min)
+        if reason is None and epoch + 1 >= planned_epochs:
+            reason = f"planned {planned_epochs} epochs done"
         entry = {
             "epoch": epoch + 1,
             "train_loss": run_loss / max(1, run_n),
@@ -152,7 +142,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
             "improved": improved,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds,
-            "stop_reason": stop_reason,
+            "stop_reason": reason,
             "planned_epochs": planned_epochs,
         }
         history.append(entry)
@@ -160,7 +150,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
             tqdm.write(
                 f"epoch {epoch + 1}: train {entry['train_loss']:.4f}  valid {vloss:.4f}"
                 f"{'  *best*' if improved else ''}  ({seconds:.0f}s, {entry['tokens_per_s']:.0f} tok/s)"
-                + (f"  stop: {stop_reason}" if stop_reason else "")
+                + (f"  stop: {reason}" if reason else "")
             )
         meta = {**identity, "preset": preset_dict(cfg.preset) if not cfg.base_model else None, "n_params": n_params}
         if improved:
@@ -169,7 +159,7 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
         train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
         save_checkpoint(model, run.target_last_dir, meta, extra_tensors=train_state)
         atomic_write_text(run.path / "train_history.json", json.dumps(history, indent=2))
-        stopped = stop_reason
+        stopped = reason
 
     if not run.target_dir.exists():
         raise PadrecError("training produced no checkpoint (zero epochs?)")
