@@ -16,6 +16,7 @@ from padrec import PadrecError
 from padrec.drafts.base import Draft
 from padrec.drafts.eagle import EagleDraft, EagleDraftModel
 from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
+from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
 from padrec.drafts.registry import list_drafts, load_draft, load_draft_model, target_identity
 from padrec.drafts.train import DraftTrainConfig, TargetFeatures, check_head_on_features, draft_loss, train_draft
 from padrec.models.checkpoint import save_checkpoint
@@ -139,14 +140,16 @@ def _random_batch(n=8, length=15, seed=0):
     return collate(ex)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "lm"])
+@pytest.mark.parametrize("kind", ["eagle", "hass", "padrec", "lm"])
 def test_a_few_steps_reduce_the_loss(kind):
     torch.manual_seed(0)
     target = build_target(V, "tiny", seed=0).eval()
     head = target.get_output_embeddings()
     cfg = DraftTrainConfig(kind=kind, lm_layers=1, lm_hidden=32, lm_heads=2)
-    if kind == "eagle":
+    if kind in ("eagle", "hass"):
         model = EagleDraftModel.from_target(target, seed=0)
+    elif kind == "padrec":
+        model = PadRecDraftModel.from_target(target, PositionConfig(levels=2, trained_depths=cfg.steps), seed=0)
     else:
         model = build_lm_draft(LMDraftConfig(V, layers=1, hidden=32, heads=2))
     batch = _random_batch()
@@ -160,9 +163,9 @@ def test_a_few_steps_reduce_the_loss(kind):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert d_logits.shape == t_logits.shape == (8 * 14, V)
+    assert len(d_logits) == cfg.steps and d_logits[-1].shape == t_logits.shape == (8 * 14, V)
     floor = 0.0  # the soft CE of the EAGLE loss cannot go below the entropy of the target's distribution
-    if kind == "eagle":
+    if kind != "lm":
         p = t_logits.softmax(-1)
         floor = cfg.w_token * float(-(p * p.log()).sum(-1).mean())
     assert losses[-1] - floor < 0.6 * (losses[0] - floor), losses
@@ -194,14 +197,14 @@ def draft_run(synth_data, tmp_path_factory):
         for k, v in synth_data.env().items():
             mp.setenv(k, v)
         results = {kind: train_draft(run, DraftTrainConfig(kind=kind, **SMALL), progress=False)
-                   for kind in ("eagle", "lm")}
+                   for kind in ("eagle", "lm", "padrec")}
     torch.set_num_threads(1)
     return run, results
 
 
 def test_train_draft_writes_a_verified_draft(draft_run):
     run, results = draft_run
-    assert list_drafts(run) == ["eagle", "lm"]
+    assert list_drafts(run) == ["eagle", "lm", "padrec"]
     for kind, res in results.items():
         hist = res["history"]
         assert [h["epoch"] for h in hist] == [1, 2]
@@ -232,6 +235,25 @@ def test_saved_drafts_round_trip(draft_run):
     assert meta["model_config"]["layers"] == 1
     ids = torch.tensor([[1, 5, 14, 3]])
     assert torch.equal(lm(input_ids=ids).logits, load_draft_model(run, "lm")[0](input_ids=ids).logits)
+
+
+def test_padrec_draft_records_its_parts(draft_run, tmp_path):
+    run, results = draft_run
+    model, meta = load_draft_model(run, "padrec")
+    assert isinstance(model, PadRecDraftModel)
+    assert meta["model_config"]["position"] == {"levels": 2, "ipe": True, "spe": True, "gate": True,
+                                                "learn_alpha": True, "trained_depths": 3}
+    assert len(results["padrec"]["history"][-1]["valid_agreement_by_step"]) == 3
+    s = load_draft(run, "padrec").new_session()
+    assert s.commit([1, 5, 14, 3], _feats(4)).shape == (run.sids.vocab.size,)
+    # draft.json claiming other parts than the weights hold is refused, not silently loaded
+    shutil.copytree(run.path, tmp_path / "run")
+    other = Run(tmp_path / "run")
+    f = other.path / "drafts" / "padrec" / "draft.json"
+    meta["model_config"]["position"]["gate"] = False
+    f.write_text(json.dumps(meta))
+    with pytest.raises(PadrecError, match="cannot load draft weights"):
+        load_draft(other, "padrec")
 
 
 def test_lm_draft_uses_the_shared_adapter(draft_run):

@@ -133,12 +133,32 @@ class FeatureRecordingDraft(Draft):
         return self.inner.vocab_size
 
 
-def make_drafts(vocab_size: int, target):
+@functools.lru_cache(maxsize=32)
+def feature_draft(target, levels: int | None):
+    """A random-weight EAGLE head (levels None) or PAD-Rec head with every part on, in float64."""
+    from padrec.drafts.eagle import EagleDraft, EagleDraftModel
+    from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
+
+    if levels is None:
+        model = EagleDraftModel.from_target(target, seed=3)
+    else:
+        model = PadRecDraftModel.from_target(target, PositionConfig(levels=levels, trained_depths=3), seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return EagleDraft(model.to(torch.float64).eval(), name="padrec" if levels else "eagle")
+
+
+def make_drafts(vocab_size: int, target, levels: int = 2):
     return {
         "target": ModelDraft(target),
         "small-lm": ModelDraft(tiny_model(vocab_size, 100, hidden=16, layers=1)),
         "random": RandomLogitsDraft(vocab_size, seed=7),
         "features": FeatureRecordingDraft(target),
+        "eagle": feature_draft(target, None),
+        "padrec": feature_draft(target, levels),
     }
 
 
@@ -324,7 +344,7 @@ def test_greedy_speculative_equals_autoregressive(req, shape):
     ref = generate_list(target, prompt, trie, cfg)
     L = len(items[0])
     total = cfg.n_items * (L + 1)
-    for name, draft in make_drafts(vocab.size, target).items():
+    for name, draft in make_drafts(vocab.size, target, vocab.levels).items():
         res = speculative_generate(target, draft, prompt, trie, cfg, SpecConfig(tree=shape, trace=True))
         assert res.tokens == ref.tokens and res.items == ref.items, name
         assert_valid(res, items, history, cfg)
@@ -389,7 +409,7 @@ def test_sampling_valid_and_reproducible(req, shape, gen_seed, temperature, top_
     trie = ItemTrie(items)
     cfg = GenerationConfig(**kw, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     prompt = make_prompt(items, history)
-    for name, draft in make_drafts(vocab.size, target).items():
+    for name, draft in make_drafts(vocab.size, target, vocab.levels).items():
         runs = [
             speculative_generate(
                 target, draft, prompt, trie, cfg, SpecConfig(tree=shape), torch.Generator().manual_seed(gen_seed)
@@ -438,6 +458,7 @@ def exact_list_distribution(model, prompt, trie, cfg) -> dict[tuple[int, ...], f
         (dict(), TreeConfig(depth=3, top_k=2, total_tokens=5), "random"),
         (dict(temperature=0.7, top_p=0.9), TreeConfig(depth=3, top_k=3, total_tokens=6), "random"),
         (dict(top_k=3), TreeConfig.chain(3), "small-lm"),
+        (dict(temperature=0.9), TreeConfig(depth=3, top_k=2, total_tokens=5), "padrec"),
     ],
 )
 def test_speculative_sampling_matches_target_distribution(sample_kw, shape, draft_kind):

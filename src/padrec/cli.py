@@ -105,8 +105,12 @@ def cmd_train_target(a) -> None:
     from padrec.training.target_trainer import train_target
     from padrec.ui import console, table
 
+    from padrec.training import distributed as dist
+
     run = Run(a.run)
     out = train_target(run, _train_config(a), resume=not a.no_resume)
+    if not dist.is_main():
+        return
     console.print(table([{k: v for k, v in h.items() if k != "improved"} for h in out["history"]],
                         title=f"target training ({out['n_params'] / 1e6:.1f}M parameters)"))
     png = plot_training_curve(run)
@@ -128,8 +132,9 @@ def cmd_recommend(a) -> None:
     from tqdm.auto import tqdm
 
     from padrec.api import Recommender
-    from padrec.evaluation.evaluate import rank_histories
+    from padrec.evaluation.evaluate import rank_histories_sharded
     from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.training import distributed as dist
     from padrec.ui import console, table
 
     rec = Recommender(a.run, threads=a.threads)
@@ -138,7 +143,8 @@ def cmd_recommend(a) -> None:
         history = [h.strip() for h in a.history.split(",") if h.strip()]
         rows = rec.recommend(history, k=cfg.list_length, mode=cfg.mode, beam_size=cfg.beam_size,
                              exclude_history=cfg.exclude_history)
-        console.print(table(rows, title="recommendations"))
+        if dist.is_main():
+            console.print(table(rows, title="recommendations"))
         return
     if not a.out:
         raise PadrecError("give --out FILE (to rank the users of a split) or --history ID,ID,...")
@@ -151,14 +157,18 @@ def cmd_recommend(a) -> None:
             raise PadrecError("--decoder sd works in list mode (--mode list); speculative beam search is not built yet")
         spec = _spec_config(a)
         lines = []
-        for c in tqdm(cases, desc="speculative decoding", unit="user"):
+        # batch 1 per user, so any split of the users over torchrun ranks gives the same lists
+        for c in tqdm(dist.shard(cases), desc="speculative decoding", unit="user", disable=not dist.is_main()):
             ranked, tau = rec.recommend_speculative(list(c.history), cfg, a.draft, spec)
             lines.append(json.dumps({"user": c.user, "items": [items[i].raw_id for i in ranked], "tau": tau}))
+        lines = [line for part in dist.all_gather_objects(lines) for line in part]
     else:
-        rankings = rank_histories(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg)
+        rankings = rank_histories_sharded(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg,
+                                          progress=dist.is_main())
         lines = [json.dumps({"user": c.user, "items": [items[i].raw_id for i in r]}) for c, r in zip(cases, rankings)]
-    atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
-    console.print(f"wrote {len(lines)} users' {cfg.mode} lists to {a.out}")
+    if dist.is_main():
+        atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
+        console.print(f"wrote {len(lines)} users' {cfg.mode} lists to {a.out}")
 
 
 def _spec_config(a):
@@ -184,8 +194,14 @@ def cmd_train_draft(a) -> None:
     from padrec.run import Run
     from padrec.ui import console, table
 
+    off = set(filter(None, (a.ablate or "").split(",")))
+    unknown = off - {"ipe", "spe", "gate", "alpha"}
+    if unknown:
+        raise PadrecError(f"--ablate takes ipe,spe,gate,alpha; unknown: {', '.join(sorted(unknown))}")
     cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                           time_budget_min=a.time_budget_min, threads=a.threads)
+                           time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
+                           hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
+                           gate="gate" not in off, learn_alpha="alpha" not in off)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
     console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))
@@ -224,6 +240,19 @@ def cmd_demo(a) -> None:
 
     run_demo(Path(a.out), dataset=a.dataset, preset=a.preset, time_budget_min=a.time_budget_min, quick=a.quick,
              threads=a.threads)
+
+
+def cmd_serve(a) -> None:
+    from padrec.serving.server import serve_http, serve_ray
+    from padrec.serving.service import ServeSettings
+
+    settings = ServeSettings(max_history=a.max_history, max_k=a.max_k, max_batch=a.max_batch, threads=a.threads)
+    if a.ray:
+        serve_ray(a.run, a.host, a.port, settings, replicas=a.replicas)
+    elif a.replicas != 1:
+        raise PadrecError("--replicas N needs --ray (one uvicorn process serves one model)")
+    else:
+        serve_http(a.run, a.host, a.port, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-draft", help="train a draft model for the run's target")
     p.add_argument("--run", required=True)
-    p.add_argument("--draft", default="eagle", choices=["eagle", "lm"])
+    p.add_argument("--draft", default="eagle", choices=["eagle", "hass", "padrec", "lm"],
+                   help="eagle: feature-level head; hass: the same head trained over unrolled steps; "
+                        "padrec: the head + item-slot and draft-step embeddings; lm: independent small LM")
+    p.add_argument("--base", default="hass", choices=["eagle", "hass"], help="padrec: how the head is trained")
+    p.add_argument("--steps", type=int, default=3, help="hass/padrec(hass): unrolled training steps")
+    p.add_argument("--topk", type=int, default=0, help="hass: token loss over the target's top-k only (0 = all)")
+    p.add_argument("--ablate", default=None,
+                   help="padrec: parts to switch off, comma-separated: ipe, spe, gate (plain addition), "
+                        "alpha (fixed at 1)")
     p.add_argument("--name", default=None, help="folder name under DIR/drafts (default: the draft kind)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -308,13 +345,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a ~2 minute version (tiny budget, 500 test users)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="HTTP recommendation service: POST /recommend, GET /info, GET /health")
+    p.add_argument("--run", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model thread (per replica)")
+    p.add_argument("--max-history", type=int, default=200, help="longest history a request may send")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.add_argument("--max-batch", type=int, default=16, help="greedy AR requests decoded together; 1: no batching")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'padrec[ray]')")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas")
+    p.set_defaults(func=cmd_serve)
     return ap
+
+
+# Commands that share their work over the ranks of `torchrun --nproc_per_node=N -m padrec ...`.
+DISTRIBUTED_COMMANDS = ("train-target", "evaluate", "recommend")
+
+
+def _join_process_group(cmd: str) -> bool:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if cmd not in DISTRIBUTED_COMMANDS:
+        raise PadrecError(f"`padrec {cmd}` runs in one process; under torchrun only "
+                          f"{', '.join(DISTRIBUTED_COMMANDS)} share their work over ranks")
+    from padrec.training import distributed as dist
+
+    return dist.init_from_env()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        grouped = _join_process_group(args.cmd)
         args.func(args)
+        if grouped:  # only on success: on an error torchrun stops the other ranks, which may sit in a collective
+            from padrec.training import distributed as dist
+
+            dist.cleanup()
     except PadrecError as e:
         print(f"padrec: error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from padrec.drafts.base import Draft, DraftSession
+from padrec.drafts.slots import next_run, slot_of
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ def causal_mask(pad_mask: torch.Tensor | None, q_len: int, past_len: int = 0, ba
 class EagleDraftModel(nn.Module):
     """The trainable EAGLE draft head. Token logits use a frozen copy of the target's LM head."""
 
+    needs_slots = False  # PAD-Rec sets this: sessions then track each token's within-item slot
+
     def __init__(self, cfg: EagleConfig):
         super().__init__()
         self.cfg = cfg
@@ -149,6 +152,10 @@ class EagleDraftModel(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.lm_head(features)
 
+    def model_config(self) -> dict:
+        """What draft.json records to rebuild this architecture."""
+        return self.cfg.to_dict()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -195,6 +202,9 @@ class EagleSession(DraftSession):
         self._spec_feat: list[torch.Tensor] = []  # predicted feature of each speculative node
         self._spec_anc: list[list[int]] = []  # speculative ancestors of each node, itself included
         self._spec_depth: list[int] = []
+        # run length of SID tokens ending at the last committed token / at each speculative node (drafts/slots.py)
+        self.last_run = 0
+        self._spec_run: list[int] = []
 
     @property
     def num_speculative(self) -> int:
@@ -218,8 +228,15 @@ class EagleSession(DraftSession):
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
         pos = torch.arange(self.n_committed, self.n_committed + n, device=dev)[None]
         mask = causal_mask(None, n, self.n_committed, dtype=dtype, device=dev)
+        slots = None
+        if self.model.needs_slots:
+            slot_list = []
+            for t in tokens:
+                self.last_run = next_run(self.last_run, int(t))
+                slot_list.append(slot_of(self.last_run, int(t), self.model.levels))
+            slots = torch.as_tensor(slot_list, dtype=torch.long, device=dev)[None]
         out = self.model(ids, feats[None], attention_mask=mask, position_ids=pos, cache=self.cache,
-                         depths=torch.zeros(1, n, dtype=torch.long, device=dev))
+                         depths=torch.zeros(1, n, dtype=torch.long, device=dev), slots=slots)
         self.n_committed += n
         self.last_feature = out[0, -1]
         self.last_logits = self.model.logits(self.last_feature).float()
@@ -235,7 +252,7 @@ class EagleSession(DraftSession):
         if k == 0:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.model.fc.weight.device)
         base = len(self._spec_feat)
-        feats, ancs = [], []
+        feats, ancs, runs = [], [], []
         for j, (p, dep) in enumerate(zip(parents, depths)):
             p, dep = int(p), int(dep)
             if p == -1:
@@ -243,6 +260,7 @@ class EagleSession(DraftSession):
                     raise ValueError(f"node {base + j}: a child of the last committed token has depth 1, not {dep}")
                 feats.append(self.last_feature)
                 ancs.append([base + j])
+                runs.append(next_run(self.last_run, int(tokens[j])))
             else:
                 if not 0 <= p < base:
                     raise ValueError(
@@ -251,6 +269,7 @@ class EagleSession(DraftSession):
                     raise ValueError(f"node {base + j}: depth {dep} but its parent {p} has depth {self._spec_depth[p]}")
                 feats.append(self._spec_feat[p])
                 ancs.append(self._spec_anc[p] + [base + j])
+                runs.append(next_run(self._spec_run[p], int(tokens[j])))
         C = self.n_committed
         dtype, dev = self.model.fc.weight.dtype, self.model.fc.weight.device
         mask = torch.full((1, 1, k, C + base + k), torch.finfo(dtype).min, dtype=dtype)
@@ -260,12 +279,18 @@ class EagleSession(DraftSession):
         dep_t = torch.as_tensor([int(x) for x in depths], dtype=torch.long, device=dev)[None]
         pos = C - 1 + dep_t
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
+        slots = None
+        if self.model.needs_slots:
+            L = self.model.levels
+            slots = torch.as_tensor([slot_of(r, int(t), L) for r, t in zip(runs, tokens)], dtype=torch.long,
+                                    device=dev)[None]
         out = self.model(ids, torch.stack(feats)[None], attention_mask=mask.to(dev), position_ids=pos,
-                         cache=self.cache, depths=dep_t)
+                         cache=self.cache, depths=dep_t, slots=slots)
         for j in range(k):
             self._spec_feat.append(out[0, j])
             self._spec_anc.append(ancs[j])
             self._spec_depth.append(int(depths[j]))
+            self._spec_run.append(runs[j])
         return self.model.logits(out[0]).float()
 
     def rollback(self) -> None:
@@ -273,6 +298,7 @@ class EagleSession(DraftSession):
         self._spec_feat.clear()
         self._spec_anc.clear()
         self._spec_depth.clear()
+        self._spec_run.clear()
 
 
 class EagleDraft(Draft):

@@ -25,7 +25,8 @@ from padrec.models.checkpoint import _sha256, read_meta, write_dir_atomically
 
 META = "draft.json"
 WEIGHTS = "model.safetensors"
-KINDS = ("eagle", "lm")
+KINDS = ("eagle", "hass", "padrec", "lm")
+FEATURE_KINDS = ("eagle", "hass", "padrec")  # one EAGLE-style head; hass/padrec differ in training / the module
 
 
 def drafts_dir(run) -> Path:
@@ -123,14 +124,19 @@ def build_draft_model(meta: dict):
     if not isinstance(mc, dict):
         raise PadrecError("draft metadata has no model_config")
     try:
-        if kind == "eagle":
+        if kind == "padrec":
+            from padrec.drafts.eagle import EagleConfig
+            from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
+
+            return PadRecDraftModel(EagleConfig(**mc["eagle"]), PositionConfig(**mc["position"]))
+        if kind in FEATURE_KINDS:
             from padrec.drafts.eagle import EagleConfig, EagleDraftModel
 
             return EagleDraftModel(EagleConfig(**mc))
         from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
 
         return build_lm_draft(LMDraftConfig(**mc))
-    except TypeError as e:
+    except (TypeError, KeyError) as e:
         raise PadrecError(f"draft metadata has an invalid model_config: {e}") from e
 
 
@@ -162,7 +168,7 @@ def load_draft_model(run, name: str):
 def load_draft(run, name: str):
     """A ready-to-use `Draft` for the run's target."""
     model, meta = load_draft_model(run, name)
-    if meta["kind"] == "eagle":
+    if meta["kind"] in FEATURE_KINDS:
         from padrec.drafts.eagle import EagleDraft
 
         return EagleDraft(model, name=name)

@@ -1,5 +1,7 @@
-"""Training a draft for a run's target: an EAGLE feature-level head (`kind="eagle"`) or an independent small LM
-distilled from the target (`kind="lm"`).
+"""Training a draft for a run's target: a feature-level head — EAGLE (`kind="eagle"`), the same head trained
+with J unrolled steps (`"hass"`, drafts/hass.py), or PAD-Rec (`"padrec"`: the head plus item-slot and draft-step
+embeddings, trained like its base, `padrec_base="eagle"|"hass"`) — or an independent small LM distilled from the
+target (`kind="lm"`).
 
 Both learn from the target's last hidden states H over the same training windows the target saw (SID-token
 positions only). H is computed under no_grad during the first epoch and kept in memory (float16, per example)
@@ -7,8 +9,10 @@ when it fits `feature_cache_mb`: on CPU the target forward costs about as much a
 epochs run ~2x faster. The target's soft labels are `lm_head(H)` (checked once against the target's logits).
 
 Per epoch: validation on the valid split's next item (teacher forcing) reporting the loss and the top-1
-agreement of the draft with the target (the acceptance proxy), overall and per SID level; the best epoch (by
-agreement) goes to `runs/<run>/drafts/<name>/`, every epoch to `drafts/.<name>.last/` for resuming.
+agreement of the draft with the target (the acceptance proxy), per SID level and, for feature-level drafts, per
+unrolled step (`VALID_STEPS` at least, whatever the training unroll: step j is how the draft does at tree depth
+j-1). The best epoch (by the agreement averaged over steps) goes to `runs/<run>/drafts/<name>/`, every epoch to
+`drafts/.<name>.last/` for resuming.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 
 from padrec import PadrecError
 from padrec.drafts.registry import (
+    FEATURE_KINDS,
     KINDS,
     draft_dir,
     last_dir,
@@ -42,9 +47,12 @@ from padrec.training.sequences import (
 )
 
 
+VALID_STEPS = 3
+
+
 @dataclass
 class DraftTrainConfig:
-    kind: str = "eagle"  # "eagle" | "lm"
+    kind: str = "eagle"  # "eagle" | "hass" | "padrec" | "lm"
     name: str | None = None  # folder under runs/<run>/drafts/; default: the kind
     epochs: int = 10
     batch_size: int = 32
@@ -61,6 +69,16 @@ class DraftTrainConfig:
     w_token: float = 0.1  # weight of the soft CE against the target's next-token distribution
     eagle_intermediate: int | None = None  # MLP width of the draft layer; default: the target's
     freeze_embed: bool = True
+    # hass (and padrec on a hass base)
+    hass_steps: int = 3  # unrolled steps J
+    hass_topk: int = 0  # > 0: the token loss only covers the target's top-k tokens (HASS top-k distillation)
+    step_decay: float = 1.0  # weight of unrolled step j is step_decay**(j-1)
+    # padrec: the position module's parts (ablations switch them off)
+    padrec_base: str = "hass"  # "eagle" | "hass": how the head is trained
+    ipe: bool = True
+    spe: bool = True
+    gate: bool = True
+    learn_alpha: bool = True
     # lm
     lm_layers: int = 2
     lm_hidden: int = 128
@@ -72,6 +90,20 @@ class DraftTrainConfig:
     @property
     def draft_name(self) -> str:
         return self.name or self.kind
+
+    @property
+    def steps(self) -> int:
+        """Unrolled training steps (1 = plain EAGLE / LM training)."""
+        multi = self.kind == "hass" or (self.kind == "padrec" and self.padrec_base == "hass")
+        return self.hass_steps if multi else 1
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise PadrecError(f"unknown draft kind {self.kind!r}: expected one of {KINDS}")
+        if self.padrec_base not in ("eagle", "hass"):
+            raise PadrecError(f"unknown PAD-Rec base {self.padrec_base!r}: expected eagle or hass")
+        if self.hass_steps < 1:
+            raise PadrecError(f"hass_steps must be >= 1, got {self.hass_steps}")
 
 
 class TargetFeatures:
@@ -122,26 +154,45 @@ def _positions(batch) -> torch.Tensor:
     return batch["labels"][:, 1:] != IGNORE
 
 
-def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainConfig):
-    """Loss, plus the draft's and the target's logits at the SID positions ([N, V] each)."""
+def soft_ce(d_logits: torch.Tensor, t_logits: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """Cross-entropy of the draft against the target's distribution; with topk > 0 only over the target's top-k
+    tokens (HASS: the tokens a tree can actually draft)."""
+    p = t_logits.softmax(-1)
+    if topk > 0:
+        p = torch.zeros_like(p).scatter(-1, p.topk(min(topk, p.shape[-1]), dim=-1).indices,
+                                        p.topk(min(topk, p.shape[-1]), dim=-1).values)
+    return -(p * d_logits.log_softmax(-1)).sum(-1).mean()
+
+
+def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainConfig, steps: int | None = None):
+    """Loss, the draft's logits at the SID positions for each unrolled step (list of [N, V]) and the target's
+    ([N, V]). `steps` overrides the configured unroll (validation looks deeper than EAGLE trains)."""
     ids, am = batch["input_ids"], batch["attention_mask"]
     M = _positions(batch)
     with torch.no_grad():
         t_logits = head(H[:, :-1][M]).float()
-    if kind == "eagle":
+    if kind in FEATURE_KINDS:
+        from padrec.drafts.hass import unrolled_features
+
         feats = torch.zeros_like(H)
         feats[:, 1:] = H[:, :-1]  # the state before each token; zero before BOS
-        f_hat = model(ids, feats, attention_mask=am)[:, :-1][M]
-        d_logits = model.logits(f_hat).float()
-        loss_f = F.smooth_l1_loss(f_hat, H[:, :-1][M])
-        soft_ce = -(t_logits.softmax(-1) * d_logits.log_softmax(-1)).sum(-1).mean()
-        loss = loss_f + cfg.w_token * soft_ce
+        outs = unrolled_features(model, ids, feats, am, steps or cfg.steps)
+        loss, weight, d_logits = 0.0, 0.0, []
+        for j, out in enumerate(outs):
+            f_hat = out[:, :-1][M]
+            logits = model.logits(f_hat).float()
+            w = cfg.step_decay ** j
+            loss = loss + w * (F.smooth_l1_loss(f_hat, H[:, :-1][M]) + cfg.w_token * soft_ce(logits, t_logits, cfg.hass_topk))
+            weight += w
+            d_logits.append(logits)
+        loss = loss / weight
     else:
         from padrec.drafts.lm_draft import distill_loss
 
-        d_logits = model(input_ids=ids, attention_mask=am).logits[:, :-1][M].float()
+        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1][M].float()
         hard = batch["labels"][:, 1:][M]
-        loss = distill_loss(d_logits, t_logits, cfg.temperature, hard, cfg.w_hard)
+        loss = distill_loss(logits, t_logits, cfg.temperature, hard, cfg.w_hard)
+        d_logits = [logits]
     return loss, d_logits, t_logits
 
 
@@ -149,66 +200,89 @@ def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainCo
 def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrainConfig, levels: int,
              batch_size: int = 128) -> dict:
     model.eval()
-    loss_sum, n, agree = 0.0, 0, 0
+    steps = max(cfg.steps, VALID_STEPS) if kind in FEATURE_KINDS else 1
+    loss_sum, n = 0.0, 0
+    agree = torch.zeros(steps, dtype=torch.long)
     per_level = torch.zeros(levels, dtype=torch.long)
     per_level_n = torch.zeros(levels, dtype=torch.long)
     for s in range(0, len(examples), batch_size):
         idx = list(range(s, min(len(examples), s + batch_size)))
         batch = collate([examples[i] for i in idx])
-        loss, d_logits, t_logits = draft_loss(kind, model, head, batch, feats(idx, batch), cfg)
-        k = d_logits.shape[0]
+        loss, d_logits, t_logits = draft_loss(kind, model, head, batch, feats(idx, batch), cfg, steps)
+        k = t_logits.shape[0]
         if k == 0:
             continue
-        hit = d_logits.argmax(-1) == t_logits.argmax(-1)
+        hits = [d.argmax(-1) == t_logits.argmax(-1) for d in d_logits]
         M = _positions(batch)
         level = (M.long().cumsum(1) - 1)[M].clamp(0, levels - 1)  # one labelled item per example
-        per_level += torch.bincount(level[hit], minlength=levels)
+        per_level += torch.bincount(level[hits[0]], minlength=levels)
         per_level_n += torch.bincount(level, minlength=levels)
         loss_sum += loss.item() * k
         n += k
-        agree += int(hit.sum())
+        agree += torch.tensor([int(h.sum()) for h in hits])
     model.train()
+    by_step = (agree.float() / max(1, n)).tolist()
     return {
         "valid_loss": loss_sum / max(1, n),
-        "valid_agreement": agree / max(1, n),
+        "valid_agreement": by_step[0],
+        "valid_agreement_by_step": by_step,
+        "valid_score": sum(by_step) / len(by_step),
         "valid_agreement_per_level": (per_level.float() / per_level_n.clamp(min=1)).tolist(),
     }
 
 
-def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig):
-    if kind == "eagle":
+def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig, levels: int):
+    if kind == "padrec":
+        from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
+
+        position = PositionConfig(levels=levels, ipe=cfg.ipe, spe=cfg.spe, gate=cfg.gate,
+                                  learn_alpha=cfg.learn_alpha, trained_depths=cfg.steps)
+        model = PadRecDraftModel.from_target(target, position, cfg.eagle_intermediate, cfg.freeze_embed,
+                                             seed=cfg.seed)
+        return model, model.model_config()
+    if kind in FEATURE_KINDS:
         from padrec.drafts.eagle import EagleDraftModel
 
         model = EagleDraftModel.from_target(target, cfg.eagle_intermediate, cfg.freeze_embed, seed=cfg.seed)
-        return model, model.cfg.to_dict()
+        return model, model.model_config()
     from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
 
     mc = LMDraftConfig(vocab_size, cfg.lm_layers, cfg.lm_hidden, cfg.lm_heads, cfg.lm_intermediate)
     return build_lm_draft(mc, seed=cfg.seed), mc.to_dict()
 
 
-def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool = True) -> dict:
-    """Train (or resume training of) a draft for the run's target. Returns the history and where it was saved."""
-    if cfg.kind not in KINDS:
-        raise PadrecError(f"unknown draft kind {cfg.kind!r}: expected one of {KINDS}")
+def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool = True,
+                feature_pool: dict | None = None) -> dict:
+    """Train (or resume training of) a draft for the run's target. Returns the history and where it was saved.
+
+    `feature_pool`: a dict shared by several calls in one process (a study training many drafts of one run):
+    the target, the examples and the cached target features are computed once and reused."""
+    cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     name = cfg.draft_name
     best_path, last_path = draft_dir(run, name), last_dir(run, name)
     identity = target_identity(run)
-    target = run.load_target()
-    target.eval()
-    for p in target.parameters():
-        p.requires_grad_(False)
+    pool_key = (str(run.path), identity["target_hash"], cfg.seed, cfg.max_valid_cases, cfg.feature_cache_mb)
+    if feature_pool is not None and pool_key in feature_pool:
+        target, train_examples, valid_examples, train_feats, valid_feats = feature_pool[pool_key]
+    else:
+        target = run.load_target()
+        target.eval()
+        for p in target.parameters():
+            p.requires_grad_(False)
+        if identity["target_hidden_size"] != target.config.get_text_config().hidden_size:
+            raise PadrecError(f"target config.json and the loaded target disagree on the hidden size ({run.target_dir})")
+        train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
+        check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
+        train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
+        valid_feats = TargetFeatures(target, valid_examples, cfg.feature_cache_mb)
+        if feature_pool is not None:
+            feature_pool[pool_key] = (target, train_examples, valid_examples, train_feats, valid_feats)
     head = target.get_output_embeddings()
-    if identity["target_hidden_size"] != target.config.get_text_config().hidden_size:
-        raise PadrecError(f"target config.json and the loaded target disagree on the hidden size ({run.target_dir})")
-
-    train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
     lengths = [len(ids) for ids, _ in train_examples]
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
 
     state = None
     if resume and (last_path / "train_state.pt").is_file():
@@ -225,7 +299,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         history = json.loads(state["history_json"])
         start_epoch = int(state["epoch"]) + 1
     else:
-        model, model_config = _new_model(cfg.kind, target, identity["vocab_size"], cfg)
+        model, model_config = _new_model(cfg.kind, target, identity["vocab_size"], cfg, run.sids.vocab.levels)
         history, start_epoch = [], 0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -234,13 +308,11 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         opt.load_state_dict(state["optimizer"])
     n_params = sum(p.numel() for p in params)
 
-    best = max((h["valid_agreement"] for h in history), default=-1.0)
+    best = max((h.get("valid_score", h["valid_agreement"]) for h in history), default=-1.0)
     bad_epochs = 0
     for h in history:
         bad_epochs = 0 if h["improved"] else bad_epochs + 1
     stopped = history[-1].get("stop_reason") if history else None
-    train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
-    valid_feats = TargetFeatures(target, valid_examples, cfg.feature_cache_mb)
     base_meta = {"kind": cfg.kind, "name": name, "config": asdict(cfg), "model_config": model_config,
                  "identity": identity, "n_trainable_params": n_params}
 
@@ -272,7 +344,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
                 bar.set_postfix(loss=f"{run_loss / max(1, run_n):.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
         val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, run.sids.vocab.levels)
         seconds = time.time() - t0
-        improved = val["valid_agreement"] > best + 1e-6
+        improved = val["valid_score"] > best + 1e-6
         bad_epochs = 0 if improved else bad_epochs + 1
         elapsed = sum(h["seconds"] for h in history) + seconds
         reason = stop_reason(bad_epochs, cfg.patience, elapsed, cfg.time_budget_min)
@@ -283,12 +355,13 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         if progress:
             tqdm.write(
                 f"{name} epoch {epoch + 1}: train {entry['train_loss']:.4f}  valid {val['valid_loss']:.4f}  "
-                f"agree {val['valid_agreement']:.3f}{'  *best*' if improved else ''}  ({seconds:.0f}s)"
+                f"agree {'/'.join(f'{a:.3f}' for a in val['valid_agreement_by_step'])}"
+                f"{'  *best*' if improved else ''}  ({seconds:.0f}s)"
                 + (f"  stop: {reason}" if reason else "")
             )
         meta = {**base_meta, "epoch": epoch + 1, "history": history}
         if improved:
-            best = val["valid_agreement"]
+            best = val["valid_score"]
             save_draft_dir(best_path, model.state_dict(), {**meta, **val})
         train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
         save_draft_dir(last_path, model.state_dict(), meta, train_state=train_state)

@@ -1,0 +1,112 @@
+"""PAD-Rec: position-aware drafting. An EAGLE/HASS draft whose fused input also learns where it is.
+
+    h = fc([embed(x_t); f_{t-1}])                          the base draft's fused input
+    h ← h + α · E_slot[slot(t)]                           item position embedding (IPE), α learnable
+    g = σ(W_g h + b_g)                                    context-driven gate, from the fused input
+    h ← h + g ⊙ E_step[depth(t)]                          step position embedding (SPE)
+
+slot(t): the within-item slot of the input token (SID level 0..L-1, separator, other; `drafts/slots.py`).
+depth(t): 0 when the paired feature came from the target, k when the draft produced it at its k-th step (the
+unrolled step in multi-step training, the tree depth at inference). Depths beyond the deepest one seen in
+training reuse the deepest embedding: an embedding that was never trained would only add noise.
+
+Every part can be switched off for ablation (`PositionConfig`); with IPE and SPE both off the module is the
+identity and the draft is numerically its base draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from padrec.drafts.eagle import EagleConfig, EagleDraftModel
+
+
+@dataclass(frozen=True)
+class PositionConfig:
+    levels: int  # SID levels L of the run's items
+    ipe: bool = True  # item position embedding
+    spe: bool = True  # step position embedding
+    gate: bool = True  # admit the SPE through σ(W_g h + b_g); False = plain addition
+    learn_alpha: bool = True  # False = α fixed at 1
+    trained_depths: int = 1  # depths 0..trained_depths-1 were seen in training (the unrolled steps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def parts(self) -> str:
+        on = [name for name, flag in (("ipe", self.ipe), ("spe", self.spe)) if flag]
+        if self.spe:
+            on.append("gate" if self.gate else "add")
+        if self.ipe:
+            on.append("alpha" if self.learn_alpha else "alpha=1")
+        return "+".join(on) or "none"
+
+
+class PositionModule(nn.Module):
+    def __init__(self, cfg: PositionConfig, hidden: int, std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.ipe:
+            self.slot_embed = nn.Embedding(cfg.levels + 2, hidden)
+            nn.init.normal_(self.slot_embed.weight, 0.0, std)
+            # a buffer when fixed, so a checkpoint always holds α and loading checks its presence
+            alpha = torch.ones(())
+            if cfg.learn_alpha:
+                self.alpha = nn.Parameter(alpha)
+            else:
+                self.register_buffer("alpha", alpha)
+        if cfg.spe:
+            self.step_embed = nn.Embedding(max(1, cfg.trained_depths), hidden)
+            nn.init.normal_(self.step_embed.weight, 0.0, std)
+            if cfg.gate:
+                self.gate = nn.Linear(hidden, hidden)
+                nn.init.normal_(self.gate.weight, 0.0, std)
+                nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h: torch.Tensor, slots: torch.Tensor | None, depths: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.ipe:
+            if slots is None:
+                raise ValueError("PAD-Rec with an item position embedding needs the slot of every input token")
+            h = h + self.alpha * self.slot_embed(slots)
+        if self.cfg.spe:
+            if depths is None:
+                raise ValueError("PAD-Rec with a step position embedding needs the draft depth of every input")
+            step = self.step_embed(depths.clamp(0, self.step_embed.num_embeddings - 1))
+            h = h + (torch.sigmoid(self.gate(h)) * step if self.cfg.gate else step)
+        return h
+
+
+class PadRecDraftModel(EagleDraftModel):
+    """The EAGLE draft head with the position module between fusion and the decoder layer."""
+
+    needs_slots = True
+
+    def __init__(self, cfg: EagleConfig, position: PositionConfig):
+        super().__init__(cfg)
+        self.position = PositionModule(position, cfg.hidden_size)
+
+    @property
+    def levels(self) -> int:
+        return self.position.cfg.levels
+
+    @classmethod
+    def from_target(cls, target, position: PositionConfig, intermediate_size: int | None = None,
+                    freeze_embed: bool = True, seed: int = 0) -> "PadRecDraftModel":
+        base = EagleDraftModel.from_target(target, intermediate_size, freeze_embed, seed=seed)
+        torch.manual_seed(seed + 1)
+        model = cls(base.cfg, position)
+        # the base part starts exactly as an EAGLE draft with the same seed would, so PAD-Rec vs its base
+        # compares the module and nothing else
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("position.") for k in missing), (missing, unexpected)
+        return model
+
+    def extra(self, h, slots=None, depths=None, position_ids=None):
+        return self.position(h, slots, depths)
+
+    def model_config(self) -> dict:
+        return {"eagle": self.cfg.to_dict(), "position": self.position.cfg.to_dict()}
