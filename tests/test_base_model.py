@@ -58,6 +58,29 @@ def test_train_and_evaluate_with_base_model(synth_env, tiny_qwen2, tmp_path):
         items = json.loads(line)["items"]
         assert len(items) == len(set(items)) == 10 and set(items) <= set(synth_env.raw_ids)
 
+    # the rest of docs/BRING_YOUR_OWN_MODEL.md: a feature-level draft for the fine-tuned Qwen2, then speculative
+    # decoding, which must give the autoregressive lists token for token, and the benchmark
+    assert main(["train-draft", "--run", str(run_dir), "--draft", "eagle", "--epochs", "1", "--threads", "1"]) == 0
+    torch.set_num_threads(1)
+    draft_meta = json.loads((run_dir / "drafts" / "eagle" / "draft.json").read_text())
+    assert draft_meta["identity"]["target_hidden_size"] == 32 and draft_meta["identity"]["vocab_size"] == vocab
+    sd = tmp_path / "sd.jsonl"
+    assert main(["recommend", "--run", str(run_dir), "--out", str(sd), "--limit", "4", "--mode", "list",
+                 "--decoder", "sd", "--draft", "eagle", "--tree", "3,2,6"]) == 0
+    ar_rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sd_rows = [json.loads(line) for line in sd.read_text().splitlines()]
+    assert [r["user"] for r in sd_rows] == [r["user"] for r in ar_rows]
+    assert [r["items"] for r in sd_rows] == [r["items"] for r in ar_rows]
+    assert all(r["tau"] >= 1.0 for r in sd_rows)
+
+    bench = tmp_path / "bench.json"
+    assert main(["bench", "--run", str(run_dir), "--drafts", "eagle", "--users", "3", "--warmup", "1", "--chain", "2",
+                 "--tree", "3,2,6", "--no-naive", "--no-hf", "--out", str(bench)]) == 0
+    res = json.loads(bench.read_text())
+    spec = [r for r in res["rows"] if r["decoder"].startswith("sd ")]
+    assert res["users"] == 3 and len(spec) == 2
+    assert all(r["identical_to_ar"] == "3/3" for r in spec), res["rows"]
+
 
 def test_bad_base_model_path(synth_env, fresh_run, tmp_path, capsys):
     capsys.readouterr()

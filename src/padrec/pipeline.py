@@ -43,17 +43,23 @@ def machine_description() -> dict:
 
 def evaluate(run: Run, split: str, configs: list[RankConfig], limit: int | None = None, progress: bool = True,
              model=None) -> dict:
-    model = model or run.load_target()
+    from padrec.training import distributed as dist
+
+    model = (model or run.load_target()).to(dist.device())
     cases = run.dataset.eval_cases(split, max_history=run.info.max_history)
     if limit:
         cases = cases[:limit]
+    # under torchrun each rank decodes its share of the users and every rank gets all the rankings back
     rows = [evaluate_cases(model, run, cases, cfg, progress) for cfg in configs]
     result = {"run": str(run.path), "dataset": run.info.dataset, "split": split, "results": rows,
-              "machine": machine_description(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "machine": {**machine_description(),
+                          **({"processes": dist.world_size()} if dist.world_size() > 1 else {})},
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = run.results_dir / f"eval_{split}.json"
-    atomic_write_text(out, json.dumps(result, indent=2))
-    console.print(metrics_table(rows, title=f"{run.info.dataset} — {split} ({len(cases)} users)"))
-    console.print(f"results written to {out}")
+    if dist.is_main():
+        atomic_write_text(out, json.dumps(result, indent=2))
+        console.print(metrics_table(rows, title=f"{run.info.dataset} — {split} ({len(cases)} users)"))
+        console.print(f"results written to {out}")
     return result
 
 

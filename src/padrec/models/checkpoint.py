@@ -1,8 +1,11 @@
 """Atomic, verified checkpoints: HF `save_pretrained` (safetensors + config.json) plus padrec.json.
 
-A checkpoint folder is written next to its final place and renamed into it, so a crash never leaves
-a half-written folder behind. padrec.json records the sha256 of every weight file and the fingerprint
-of the semantic-ID table the model was trained for; loading checks both.
+A checkpoint folder is written into a hidden temp folder next to its final place and renamed into it, so a
+crash never leaves a half-written folder under the checkpoint's name. A process killed mid-write (SIGKILL, power
+loss: no cleanup runs) leaves hidden `.<name>.tmp-*` / `.<name>.old-*` folders; the next write of that
+checkpoint (and a resumed training, before it looks for its state) repairs or removes them with `recover_dir`.
+padrec.json records the sha256 of every weight file and the fingerprint of the semantic-ID table the model was
+trained for; loading checks both.
 """
 
 from __future__ import annotations
@@ -29,15 +32,53 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_OLD = ".old-"
+
+
 def replace_dir_atomically(tmp: Path, final: Path) -> None:
-    """Swap a fully written temp folder into place. The old folder is removed only after the rename."""
+    """Swap a fully written temp folder into place. The old folder is removed only after the rename.
+
+    POSIX cannot swap two folders in one step, so for a moment between the two renames `final` does not exist;
+    the old folder's name records the temp folder's, so `recover_dir` can finish the swap after a crash there.
+    """
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{tmp.name}")
+        old = final.with_name(f".{final.name}{_OLD}{tmp.name}")
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old is not None and not final.exists():
+            old.rename(final)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: Path) -> None:
+    """Repair what a killed writer of folder `path` left behind; call it only where no other process may be
+    writing `path` at the same time (it deletes temp folders).
+
+    Killed between the two renames of `replace_dir_atomically`: `path` is missing, its previous version sits in
+    `.<name>.old-<temp>` and the complete new one in `<temp>`; the swap is finished (or, without the new one,
+    undone). Killed while writing: an incomplete `.<name>.tmp-*` folder, which is deleted, as are old versions
+    whose swap had finished.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    prefix = f".{path.name}"
+    stale = sorted(p for p in path.parent.iterdir()
+                   if p.is_dir() and (p.name.startswith(prefix + ".tmp-") or p.name.startswith(prefix + _OLD)))
+    if not path.exists():
+        for old in (p for p in stale if p.name.startswith(prefix + _OLD)):
+            new = path.parent / old.name[len(prefix + _OLD):]
+            # the old version is only renamed aside once the new one is complete
+            (new if new.is_dir() else old).rename(path)
+            break
+    for p in stale:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_dir_atomically(path: Path, write_files, meta: dict, meta_name: str = META,
@@ -48,6 +89,7 @@ def write_dir_atomically(path: Path, write_files, meta: dict, meta_name: str = M
     existing `path` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         write_files(tmp)
@@ -109,4 +151,5 @@ def load_train_state(path: Path) -> dict | None:
     f = Path(path) / "train_state.pt"
     if not f.is_file():
         return None
-    return torch.load(f, weights_only=True)
+    # on the CPU whatever device saved it: the optimizer moves its state to the parameters' device when loaded
+    return torch.load(f, weights_only=True, map_location="cpu")
