@@ -14,6 +14,7 @@ def test_demo_quick_runs_every_step(synth_env, tmp_path, capsys):
     assert modes == ["beam", "list"]
     decoders = [r["decoder"] for r in summary["bench"]["rows"]]
     assert decoders[0] == "ar" and any(d.startswith("sd") for d in decoders)
+    assert {r["draft"] for r in summary["bench"]["rows"]} == {"-", "eagle", "padrec"}
     assert all(r["identical_to_ar"] in ("ref", f"{summary['bench']['users']}/{summary['bench']['users']}")
                for r in summary["bench"]["rows"])
     assert (out / "results" / "training_curve.png").is_file()

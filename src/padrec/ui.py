@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+# logs and pipes get rich's 80-column default otherwise, which truncates every wide table into "…"
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
 
 
 def table(rows: list[dict], title: str | None = None, floats: str = "{:.4f}") -> Table:

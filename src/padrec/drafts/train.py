@@ -61,6 +61,7 @@ class DraftTrainConfig:
     warmup_steps: int = 50
     patience: int = 3  # epochs without validation-agreement improvement before stopping
     max_valid_cases: int = 2000
+    max_train_examples: int | None = None  # a seeded sample of the training windows (studies of many drafts)
     time_budget_min: float | None = None  # stop after the epoch that crosses this budget
     seed: int = 0
     threads: int | None = None
@@ -263,7 +264,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     name = cfg.draft_name
     best_path, last_path = draft_dir(run, name), last_dir(run, name)
     identity = target_identity(run)
-    pool_key = (str(run.path), identity["target_hash"], cfg.seed, cfg.max_valid_cases, cfg.feature_cache_mb)
+    pool_key = (str(run.path), identity["target_hash"], cfg.seed, cfg.max_valid_cases, cfg.max_train_examples,
+                cfg.feature_cache_mb)
     if feature_pool is not None and pool_key in feature_pool:
         target, train_examples, valid_examples, train_feats, valid_feats = feature_pool[pool_key]
     else:
@@ -274,6 +276,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         if identity["target_hidden_size"] != target.config.get_text_config().hidden_size:
             raise PadrecError(f"target config.json and the loaded target disagree on the hidden size ({run.target_dir})")
         train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
+        if cfg.max_train_examples and len(train_examples) > cfg.max_train_examples:
+            train_examples = random.Random(cfg.seed).sample(train_examples, cfg.max_train_examples)
         check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
         train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
         valid_feats = TargetFeatures(target, valid_examples, cfg.feature_cache_mb)

@@ -72,6 +72,7 @@ def display_rows(rows: list[dict]) -> list[dict]:
         "decoder": row["decoder"], "draft": row["draft"], "τ": r(row["tau"], 2), "ms": r(row["median_ms"], 1),
         "speedup": r(row["speedup"], 2), "same": row["identical_to_ar"], "draft%": r(
             None if row["draft_share"] is None else 100 * row["draft_share"], 0),
+        "draft ms/rnd": r(row.get("draft_ms_per_round"), 2),
         "R@10": r(row["recall@10"], 4), "N@10": r(row["ndcg@10"], 4),
     } for row in rows]
 
@@ -137,6 +138,9 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
             "speedup_of_medians": statistics.median(ar_times) / statistics.median(t),
             "identical_to_ar": f"{len(t) - mismatches[i]}/{len(t)}" if i else "ref",
             "draft_share": statistics.mean(s["draft_time_share"] for s in st) if "draft_time_share" in st[0] else None,
+            # the draft's own cost, in ms per speculative round (PAD-Rec's module must keep this flat)
+            "draft_ms_per_round": (1000 * sum(s["draft_time_s"] for s in st) / max(1, sum(s["rounds"] for s in st))
+                                   if "draft_time_s" in st[0] else None),
             **{k: v for k, v in ranking_metrics(outputs[i], targets, ks=(10,)).items()},
         }
         if "accept_by_depth" in st[0]:
