@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model thread (per replica)")
     p.add_argument("--max-history", type=int, default=200, help="longest history a request may send")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument("--max-batch", type=int, default=16, help="greedy AR requests decoded together; 1: no batching")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="micro-batching: decode up to N queued greedy AR requests together (faster under load; "
+                        "float32 near-ties may then differ from the batch-1 answer); 1: off")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'padrec[ray]')")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas")
     p.set_defaults(func=cmd_serve)
