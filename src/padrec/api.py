@@ -71,9 +71,10 @@ class Recommender:
         from padrec.speculative.decoder import speculative_generate
 
         prompt = self.run.prompt(history)
+        loaded = self.draft(draft)  # loaded outside inference mode: its weights stay ordinary tensors
         with torch.inference_mode():
-            res = speculative_generate(self.model, self.draft(draft), prompt, self.trie, cfg.generation_config(),
-                                       spec, history=history)
+            res = speculative_generate(self.model, loaded, prompt, self.trie, cfg.generation_config(), spec,
+                                       history=history)
         return res.items, res.stats["tau"]
 
     def recommend(self, raw_history, k: int = 10, mode: str = "beam", **kw) -> list[dict]:
