@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that share their work over the ranks of `torchrun --nproc_per_node=N -m padrec ...`.
-DISTRIBUTED_COMMANDS = ("train-target", "evaluate", "recommend")
+DISTRIBUTED_COMMANDS = ("train-target", "train-draft", "evaluate", "recommend")
 
 
 def _join_process_group(cmd: str) -> bool:

@@ -38,6 +38,7 @@ from padrec.drafts.registry import (
     save_draft_dir,
     target_identity,
 )
+from padrec.training import distributed as dist
 from padrec.training.schedule import stop_reason, warmup_cosine_lr
 from padrec.training.sequences import (
     IGNORE,
@@ -222,6 +223,12 @@ def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrain
         n += k
         agree += torch.tensor([int(h.sum()) for h in hits])
     model.train()
+    if dist.is_distributed():  # each rank validated its own share of the examples
+        flat = dist.all_reduce_sum([loss_sum, n, *agree.tolist(), *per_level.tolist(), *per_level_n.tolist()])
+        loss_sum, n = flat[0], int(flat[1])
+        agree = torch.tensor(flat[2 : 2 + steps])
+        per_level = torch.tensor(flat[2 + steps : 2 + steps + levels])
+        per_level_n = torch.tensor(flat[2 + steps + levels :])
     by_step = (agree.float() / max(1, n)).tolist()
     return {
         "valid_loss": loss_sum / max(1, n),
@@ -261,6 +268,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    world = dist.world_size()
+    progress = progress and dist.is_main()
     name = cfg.draft_name
     best_path, last_path = draft_dir(run, name), last_dir(run, name)
     identity = target_identity(run)
@@ -278,6 +287,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
         if cfg.max_train_examples and len(train_examples) > cfg.max_train_examples:
             train_examples = random.Random(cfg.seed).sample(train_examples, cfg.max_train_examples)
+        valid_examples = dist.shard(valid_examples)  # under torchrun each rank validates its share
         check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
         train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
         valid_feats = TargetFeatures(target, valid_examples, cfg.feature_cache_mb)
@@ -332,22 +342,34 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
             step = epoch * steps_per_epoch + b
             for g in opt.param_groups:
                 g["lr"] = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps)
-            batch = collate([train_examples[i] for i in idx])
-            H = train_feats(idx, batch)
-            if not _positions(batch).any():
+            mine = dist.shard(idx)  # under torchrun: this rank's part of the same global batch
+            batch = collate([train_examples[i] for i in mine]) if mine else None
+            n_local = int(_positions(batch).sum()) if mine else 0
+            n_global = int(dist.all_reduce_sum([n_local])[0]) if world > 1 else n_local
+            if n_global == 0:
                 continue
-            loss, _, _ = draft_loss(cfg.kind, model, head, batch, H, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if n_local:
+                loss, _, _ = draft_loss(cfg.kind, model, head, batch, train_feats(mine, batch), cfg)
+                # the losses are means over this rank's positions: weighted by its share, the ranks' gradients
+                # sum to the gradient of the global batch's mean
+                (loss * (n_local / n_global) if world > 1 else loss).backward()
+            else:  # nothing here this step, but the gradient sum below needs this rank's (zero) part
+                loss = torch.zeros(())
+                sum(p.sum() for p in params).mul(0.0).backward()
+            dist.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            run_loss += loss.item()
-            run_n += 1
-            tokens += int(batch["attention_mask"].sum())
+            run_loss += loss.item() * n_local  # position-weighted: the same epoch mean however batches are split
+            run_n += n_local
+            tokens += int(batch["attention_mask"].sum()) if mine else 0
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{run_loss / max(1, run_n):.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
         val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, run.sids.vocab.levels)
         seconds = time.time() - t0
+        if world > 1:  # the slowest rank's time (every rank must agree on a time-budget stop) and the global mean
+            seconds = dist.all_reduce_max(seconds)
+            run_loss, run_n, tokens = dist.all_reduce_sum([run_loss, run_n, tokens])
         improved = val["valid_score"] > best + 1e-6
         bad_epochs = 0 if improved else bad_epochs + 1
         elapsed = sum(h["seconds"] for h in history) + seconds
@@ -366,9 +388,12 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         meta = {**base_meta, "epoch": epoch + 1, "history": history}
         if improved:
             best = val["valid_score"]
-            save_draft_dir(best_path, model.state_dict(), {**meta, **val})
-        train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
-        save_draft_dir(last_path, model.state_dict(), meta, train_state=train_state)
+        if dist.is_main():  # every rank holds the same weights; one writes them
+            if improved:
+                save_draft_dir(best_path, model.state_dict(), {**meta, **val})
+            train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
+            save_draft_dir(last_path, model.state_dict(), meta, train_state=train_state)
+        dist.barrier()
         stopped = reason
 
     if not best_path.exists():

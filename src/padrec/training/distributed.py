@@ -99,6 +99,17 @@ def all_reduce_max(value: float) -> float:
     return _reduce([value], dist.ReduceOp.MAX)[0]
 
 
+def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over the ranks, in place. Draft training scales each rank's loss by its
+    share of the global batch's positions, so the sum is the 1-process gradient of the global batch (DDP's
+    averaging would need the unwrapped draft's extra methods, `logits` and the unrolled steps, to go through it)."""
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not is_distributed():
