@@ -19,15 +19,18 @@ several unrolled steps in one sequence.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from padrec.drafts.base import Draft, DraftSession
+from padrec.drafts.fast_layer import KVBuffer, fast_weights, supports_fast_path
 from padrec.drafts.slots import next_run, slot_of
 
 
@@ -190,8 +193,11 @@ def _crop_cache(cache: DynamicCache, keep: int) -> None:
         cache.crop(keep - cur)  # a negative count removes that many tokens (all transformers versions)
 
 
-class EagleSession(DraftSession):
-    """One request: the layer's KV cache over the committed context, then speculative tree nodes."""
+class ReferenceEagleSession(DraftSession):
+    """One request through the Hugging Face modules (`EagleDraftModel.forward`, a DynamicCache): the layer's KV
+    cache over the committed context, then speculative tree nodes. `EagleSession` computes the same function on the
+    fused path; this one is what it is checked against, and the fallback for a layer the fused path does not cover.
+    """
 
     def __init__(self, model: EagleDraftModel):
         self.model = model
@@ -301,16 +307,223 @@ class EagleSession(DraftSession):
         self._spec_run.clear()
 
 
+def _in_inference_mode(fn):
+    """torch.inference_mode() for a method, without building a context manager when the caller already holds one
+    (the speculative decoder does; entering it costs about as much as a small op)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class EagleSession(DraftSession):
+    """One request on the fused inference path (`padrec.drafts.fast_layer`): the same function as
+    `ReferenceEagleSession` computed with plain torch ops on the model's weights.
+
+    Keys/values sit in one preallocated buffer, [committed context | speculative nodes in append order], so a
+    commit writes in place and a rollback only moves the end. A commit computes keys/values for all its tokens but
+    the query, attention, MLP and LM head only for the last one: the session needs the feature and logits after the
+    last committed token only, and the keys/values of a token do not depend on its attention output. A speculative
+    node whose ancestors are exactly the nodes before it (a chain) attends to the whole buffer, so it needs no mask.
+    The model's `extra()` hook (PAD-Rec's position module) is called exactly as `EagleDraftModel.forward` calls it.
+    """
+
+    def __init__(self, model: EagleDraftModel):
+        self.model = model
+        self.w = w = fast_weights(model)
+        self.cache = KVBuffer(w.kv_heads, w.head_dim, w.dtype, w.device)
+        self._extra = type(model).extra is not EagleDraftModel.extra
+        self._needs_slots = bool(model.needs_slots)
+        self._levels = model.levels if self._needs_slots else 0
+        self._neg = torch.finfo(w.dtype).min
+        self.n_committed = 0
+        self.last_feature: torch.Tensor | None = None  # f̂ after the last committed token
+        self.last_logits: torch.Tensor | None = None
+        self._spec_feat: list[torch.Tensor] = []  # predicted feature of each speculative node
+        self._spec_anc: list[list[int]] = []  # speculative ancestors of each node, itself included
+        self._spec_depth: list[int] = []
+        self._spec_chain: list[bool] = []  # ancestors-or-self == every node up to itself: no mask needed
+        # run length of SID tokens ending at the last committed token / at each speculative node (drafts/slots.py)
+        self.last_run = 0
+        self._spec_run: list[int] = []
+
+    @property
+    def num_speculative(self) -> int:
+        return len(self._spec_feat)
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        """[1, n] LongTensor of `values`."""
+        if len(values) == 1 and 0 <= values[0] < self.w.arange.shape[0]:
+            return self.w.arange[values[0] : values[0] + 1][None]
+        return torch.tensor([values], dtype=torch.long, device=self.w.device)
+
+    def _token_rows(self, tokens: list[int]) -> torch.Tensor:
+        table = self.w.token_proj
+        if len(tokens) == 1:
+            t = tokens[0]
+            if not 0 <= t < table.shape[0]:
+                raise IndexError(f"token {t} outside the draft's vocabulary of {table.shape[0]}")
+            return table[t : t + 1]
+        return table.index_select(0, torch.tensor(tokens, dtype=torch.long, device=table.device))
+
+    def _call_extra(self, h: torch.Tensor, slots: list[int] | None, depths: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        slot_t = self._long(slots) if slots is not None else None
+        return self.model.extra(h[None], slots=slot_t, depths=depths, position_ids=positions)[0]
+
+    @_in_inference_mode
+    def commit(self, tokens: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
+        if self._spec_feat:
+            self.rollback()
+        n = len(tokens)
+        if n == 0:
+            if self.last_logits is None:
+                raise ValueError("commit() needs at least one token on an empty session")
+            return self.last_logits
+        if features is None:
+            raise ValueError("the EAGLE draft needs the target's features for committed tokens")
+        w = self.w
+        toks = [int(t) for t in tokens]
+        feats = features if isinstance(features, torch.Tensor) else torch.as_tensor(features)
+        feats = feats.to(w.device, w.dtype).reshape(n, w.d)
+        C = self.n_committed
+        # nothing precedes the first token (BOS): its feature is zeroed, as in training
+        h = w.fuse(self._token_rows(toks), feats, zero_first_feature=C == 0)
+        slots = None
+        if self._needs_slots:
+            slots, run = [], self.last_run
+            for t in toks:
+                run = next_run(run, t)
+                slots.append(slot_of(run, t, self._levels))
+            self.last_run = run
+        if self._extra:
+            zeros = torch.zeros(1, n, dtype=torch.long, device=w.device)
+            positions = (self.w.arange[C : C + n] if C + n <= self.w.arange.shape[0]
+                         else torch.arange(C, C + n, device=w.device))[None]
+            h = self._call_extra(h, slots, zeros, positions)
+        x = w.rms(h, w.ln1, w.eps1)
+        cos, sin = w.rope_rows(C, C + n)
+        H, kvh, hd = w.heads, w.kv_heads, w.head_dim
+        if n == 1:
+            q, k, v = self._qkv(x, cos, sin)
+        else:
+            kv = F.linear(x, w.kv_w)
+            k = w.rotate(kv[:, : w.kv_width].view(n, kvh, hd), cos, sin)
+            v = kv[:, w.kv_width :].view(n, kvh, hd)
+            q = w.rotate(F.linear(x[-1:], w.q_w).view(1, H, hd), cos[-1:], sin[-1:])
+        self.cache.write(C, k, v)
+        feature = w.finish(h[-1:], w.attend(q, self.cache, C + n, None))
+        self.n_committed = C + n
+        self.last_feature = feature[0]
+        self.last_logits = w.logits(feature)[0].float()
+        return self.last_logits
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        w = self.w
+        n = x.shape[0]
+        qkv = F.linear(x, w.qkv_w)
+        qk_width = w.q_width + w.kv_width
+        qk = w.rotate(qkv[:, :qk_width].view(n, w.heads + w.kv_heads, w.head_dim), cos, sin)
+        return qk[:, : w.heads], qk[:, w.heads :], qkv[:, qk_width:].view(n, w.kv_heads, w.head_dim)
+
+    @_in_inference_mode
+    def propose(self, parents: Sequence[int], tokens: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
+        k = len(tokens)
+        if not (len(parents) == k == len(depths)):
+            raise ValueError("parents, tokens and depths must have the same length")
+        if self.last_feature is None:
+            raise ValueError("propose() before any commit()")
+        w = self.w
+        if k == 0:
+            return torch.empty(0, w.vocab_size, device=w.device)
+        base = len(self._spec_feat)
+        toks = [int(t) for t in tokens]
+        deps = [int(x) for x in depths]
+        feats, ancs, runs, chain = [], [], [], []
+        track_runs = self._needs_slots
+        for j, (p, dep) in enumerate(zip(parents, deps)):
+            p = int(p)
+            if p == -1:
+                if dep != 1:
+                    raise ValueError(f"node {base + j}: a child of the last committed token has depth 1, not {dep}")
+                feats.append(self.last_feature)
+                ancs.append([base + j])
+                chain.append(base + j == 0)
+                if track_runs:
+                    runs.append(next_run(self.last_run, toks[j]))
+            else:
+                if not 0 <= p < base:
+                    raise ValueError(
+                        f"node {base + j}: parent {p} must be a node of an earlier propose() call (0..{base - 1})")
+                if dep != self._spec_depth[p] + 1:
+                    raise ValueError(f"node {base + j}: depth {dep} but its parent {p} has depth {self._spec_depth[p]}")
+                feats.append(self._spec_feat[p])
+                ancs.append(self._spec_anc[p] + [base + j])
+                chain.append(p == base + j - 1 and self._spec_chain[p])
+                if track_runs:
+                    runs.append(next_run(self._spec_run[p], toks[j]))
+        C = self.n_committed
+        same_depth = all(x == deps[0] for x in deps)
+        h = w.fuse(self._token_rows(toks), feats[0][None] if k == 1 else torch.stack(feats))
+        if self._extra:
+            slots = [slot_of(r, t, self._levels) for r, t in zip(runs, toks)] if track_runs else None
+            h = self._call_extra(h, slots, self._long(deps), self._long([C - 1 + x for x in deps]))
+        x = w.rms(h, w.ln1, w.eps1)
+        if same_depth:  # one row of the table, broadcast over the nodes
+            cos, sin = w.rope_rows(C - 1 + deps[0], C + deps[0])
+        else:
+            cos, sin = w.rope_at(torch.tensor([C - 1 + x for x in deps], dtype=torch.long, device=w.device))
+        q, key, value = self._qkv(x, cos, sin)
+        start = C + base
+        self.cache.write(start, key, value)
+        T = start + k
+        mask = None
+        if not (k == 1 and chain[0]):
+            # a node sees the committed context and its own ancestors-or-self among the speculative nodes
+            mask = torch.full((k, T), self._neg, dtype=w.dtype, device=w.device)
+            mask[:, :C] = 0.0
+            flat = [j * T + C + a for j, anc in enumerate(ancs) for a in anc]
+            mask.view(-1).index_fill_(0, torch.tensor(flat, dtype=torch.long, device=w.device), 0.0)
+            mask = mask[None, None]
+        out = w.finish(h, w.attend(q, self.cache, T, mask))
+        self._spec_feat.extend(out.unbind(0))
+        self._spec_anc.extend(ancs)
+        self._spec_depth.extend(deps)
+        self._spec_chain.extend(chain)
+        if track_runs:
+            self._spec_run.extend(runs)
+        return w.logits(out).float()
+
+    def rollback(self) -> None:
+        self.cache.truncate(self.n_committed)
+        self._spec_feat.clear()
+        self._spec_anc.clear()
+        self._spec_depth.clear()
+        self._spec_chain.clear()
+        self._spec_run.clear()
+
+
 class EagleDraft(Draft):
     uses_target_features = True
     name = "eagle"
 
-    def __init__(self, model: EagleDraftModel, name: str = "eagle"):
+    def __init__(self, model: EagleDraftModel, name: str = "eagle", fast: bool | None = None):
+        """`fast`: run sessions on the fused path (`EagleSession`) or through the Hugging Face modules
+        (`ReferenceEagleSession`); None picks the fused path whenever it covers the model."""
         self.model = model.eval()
         self.name = name
+        why = supports_fast_path(model)
+        if fast and why is not None:
+            raise ValueError(f"no fused inference path for this draft: {why}")
+        self.fast = why is None if fast is None else bool(fast)
 
-    def new_session(self) -> EagleSession:
-        return EagleSession(self.model)
+    def new_session(self) -> DraftSession:
+        return EagleSession(self.model) if self.fast else ReferenceEagleSession(self.model)
 
     @property
     def vocab_size(self) -> int:

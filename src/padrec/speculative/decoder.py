@@ -103,8 +103,12 @@ def speculative_generate(
     n_prompt = len(seq)
     tsess = TargetSession(target)
     session = draft.new_session()
-    hid: list[torch.Tensor] = []  # defer only: target hidden state at each cached position
-    zero_feature = torch.zeros(_hidden_size(target), dtype=tsess.dtype, device=tsess.device) if defer else None
+    # defer only: row i + 1 = the target's hidden state at cached position i, row 0 = zeros, so the features of
+    # tokens a..b-1 (each paired with the state before it) are the slice [a:b], with no per-round stacking
+    feat_rows = None
+    if defer:
+        feat_rows = torch.empty(n_prompt + total + 1, _hidden_size(target), dtype=tsess.dtype, device=tsess.device)
+        feat_rows[0] = 0.0
     draft_n = 0  # committed tokens the draft has
     draft_calls = 0
     draft_time = 0.0
@@ -134,7 +138,7 @@ def speculative_generate(
             t0 = time.perf_counter()
             _, feats = tsess.prefill(prompt[:-1])
             target_time += time.perf_counter() - t0
-            hid.extend(feats.unbind(0))
+            feat_rows[1 : 1 + len(feats)] = feats
         commit_forced()
         while n_gen() < total:
             # 1. the draft catches up and builds its tree
@@ -142,11 +146,7 @@ def speculative_generate(
             upto = min(len(seq), tsess.length + 1) if defer else len(seq)
             new = seq[draft_n:upto]
             if new:
-                feats = None
-                if defer:
-                    rows = [hid[i - 1] if i > 0 else zero_feature for i in range(draft_n, upto)]
-                    feats = torch.stack(rows)
-                droot = session.commit(new, feats)
+                droot = session.commit(new, feat_rows[draft_n:upto] if defer else None)
                 draft_calls += 1
                 draft_n = upto
             chain = seq[draft_n:]
@@ -178,8 +178,14 @@ def speculative_generate(
             c0 = tsess.length
             tsess.keep(path)
             if defer:
-                hid.extend(feats[:m].unbind(0))
-                hid.extend(feats[m + j] for j in path)
+                a = len(path)
+                if path == list(range(a)):  # a chain's path: pending and path rows are contiguous
+                    feat_rows[1 + c0 : 1 + c0 + m + a] = feats[: m + a]
+                else:
+                    feat_rows[1 + c0 : 1 + c0 + m] = feats[:m]
+                    if a:
+                        idx = torch.tensor([m + j for j in path], dtype=torch.long, device=feats.device)
+                        feat_rows[1 + c0 + m : 1 + c0 + m + a] = feats.index_select(0, idx)
             target_time += time.perf_counter() - t0
 
             start = n_gen()

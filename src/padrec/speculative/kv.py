@@ -22,6 +22,7 @@ __all__ = [
     "check_tree_cache",
     "decoder_forward",
     "keep_positions",
+    "keep_prefix_and",
     "model_dtype_device",
 ]
 
@@ -45,13 +46,23 @@ def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
     """bool [N, N]: entry (i, j) is True iff node j is node i or one of its ancestors. `parents[i]` is -1 (the
     root, i.e. the token the tree hangs below) or an index < i."""
     n = len(parents)
-    anc = torch.eye(n, dtype=torch.bool)
+    # ancestor lists in Python and one scatter: a tensor op per node costs more than the whole tree's bookkeeping
+    rows: list[list[int]] = []
+    flat: list[int] = []
     for i, p in enumerate(parents):
         if p >= 0:
             if p >= i:
                 raise PadrecError(f"tree node {i} has parent {p}: parents must precede their children")
-            anc[i] |= anc[p]
-    return anc
+            row = rows[p] + [i]
+        else:
+            row = [i]
+        rows.append(row)
+        base = i * n
+        flat += [base + j for j in row]
+    anc = torch.zeros(n * n, dtype=torch.bool)
+    if flat:
+        anc.index_fill_(0, torch.tensor(flat, dtype=torch.long), True)
+    return anc.view(n, n)
 
 
 def check_tree_cache(cache) -> None:
@@ -77,19 +88,34 @@ def keep_positions(cache, keep_index: Sequence[int] | torch.Tensor) -> None:
     start = 0
     while start < n and keep[start] == start:
         start += 1
+    keep_prefix_and(cache, start, keep[start:])
+
+
+def keep_prefix_and(cache, prefix: int, tail: Sequence[int]) -> None:
+    """`keep_positions(cache, [0, 1, ..., prefix - 1] + tail)` for a tail that is strictly increasing and starts at
+    `prefix` or later (not checked), without building and scanning the whole index list: after a verification the
+    prefix is the entire committed context and the tail only the accepted path."""
+    tail = [int(i) for i in tail]
+    skip = 0
+    while skip < len(tail) and tail[skip] == prefix + skip:  # already in place
+        skip += 1
+    start, n = prefix + skip, prefix + len(tail)
     check_tree_cache(cache)
+    moved = None
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             if n:
                 raise PadrecError("keep_positions on an empty cache layer")
             continue
         length = layer.keys.shape[-2]
-        if n and keep[-1] >= length:
-            raise PadrecError(f"keep_positions: position {keep[-1]} beyond the cache length {length}")
+        last = tail[-1] if tail else prefix - 1
+        if last >= length:
+            raise PadrecError(f"keep_positions: position {last} beyond the cache length {length}")
         if start < n:
-            tail = torch.tensor(keep[start:], dtype=torch.long, device=layer.keys.device)
-            layer.keys[..., start:n, :] = layer.keys.index_select(-2, tail)
-            layer.values[..., start:n, :] = layer.values.index_select(-2, tail)
+            if moved is None or moved.device != layer.keys.device:
+                moved = torch.tensor(tail[skip:], dtype=torch.long, device=layer.keys.device)
+            layer.keys[..., start:n, :] = layer.keys.index_select(-2, moved)
+            layer.values[..., start:n, :] = layer.values.index_select(-2, moved)
         if n < length:
             layer.keys = layer.keys[..., :n, :]
             layer.values = layer.values[..., :n, :]

@@ -140,27 +140,41 @@ def build_tree(
     c_parent: list[int] = []
     c_depth: list[int] = []
     c_score: list[float] = []
-    c_cons: list[ListConstraint] = []
+    # a candidate's constraint is built when it is needed (expanded, or kept in the tree): most candidates of a
+    # wide tree are neither, and copying + advancing a constraint is the costliest step per candidate
+    c_cons: list[ListConstraint | None] = []
     c_children: dict[int, list[int]] = {}
     c_q: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def cons_of(c: int) -> ListConstraint:
+        cons = c_cons[c]
+        if cons is None:
+            p = c_parent[c]
+            cons = (constraint if p < 0 else cons_of(p)).copy()
+            cons.advance(c_tok[c])
+            c_cons[c] = cons
+        return cons
 
     def expand(cand: int, logits_row, cons: ListConstraint, base: float, d: int) -> None:
         toks, lp = _node_distribution(logits_row, cons, cfg)
         c_q[cand] = (toks, lp)
         vals = lp.tolist()
-        order = sorted(range(len(toks)), key=lambda i: (-vals[i], toks[i]))
+        # best first, ties to the smaller token: `toks` is sorted ascending and a reverse sort is stable, so this
+        # is sorted(key=(-value, token)) without a Python key function per allowed token
+        if k == 1:
+            order = [vals.index(max(vals))]
+        else:
+            order = sorted(range(len(vals)), key=vals.__getitem__, reverse=True)[:k]
         kids = c_children.setdefault(cand, [])
-        for i in order[:k]:
+        for i in order:
             if vals[i] == -math.inf:
                 break
-            child_cons = cons.copy()
-            child_cons.advance(toks[i])
             kids.append(len(c_tok))
             c_tok.append(toks[i])
             c_parent.append(cand)
             c_depth.append(d + 1)
             c_score.append(base + vals[i])
-            c_cons.append(child_cons)
+            c_cons.append(None)
 
     expand(-1, root_logits, constraint, 0.0, 0)
     proposed: dict[int, int] = {}  # candidate -> index in the draft session's speculative nodes
@@ -179,7 +193,7 @@ def build_tree(
         calls += 1
         start = len(c_tok)
         for j, c in enumerate(sel):
-            expand(c, logits[j], c_cons[c], c_score[c], d)
+            expand(c, logits[j], cons_of(c), c_score[c], d)
         level = list(range(start, len(c_tok)))
 
     keep = sorted(range(len(c_tok)), key=lambda c: (-c_score[c], c_depth[c], c))[: tree_cfg.budget]
@@ -194,7 +208,7 @@ def build_tree(
         tree.parents.append(-1 if p < 0 else index[p])
         tree.depths.append(c_depth[c])
         tree.scores.append(c_score[c])
-        tree.constraints.append(c_cons[c])
+        tree.constraints.append(cons_of(c))
     for cand, kids in c_children.items():
         if cand >= 0 and cand not in index:
             continue

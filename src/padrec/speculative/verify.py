@@ -53,7 +53,14 @@ from padrec.decoding.autoregressive import (
     new_cache,
     sample_from_logprobs,
 )
-from padrec.speculative.kv import additive_mask, check_tree_cache, decoder_forward, keep_positions, model_dtype_device
+from padrec.speculative.kv import (
+    additive_mask,
+    check_tree_cache,
+    decoder_forward,
+    keep_positions,
+    keep_prefix_and,
+    model_dtype_device,
+)
 from padrec.speculative.tree import DraftTree
 
 __all__ = ["TargetSession", "accept_greedy", "accept_sampling", "accept_tree"]
@@ -104,13 +111,30 @@ class TargetSession:
         if n:
             visible[m:, c + m :] = tree.ancestors()
         pos = list(range(c, c + m)) + [c + m - 1 + d for d in tree.depths]
-        ids = torch.tensor([pending + list(tree.tokens)], dtype=torch.long, device=self.device)
-        mask = additive_mask(visible.to(self.device), self.dtype)
-        pos_t = torch.tensor([pos], dtype=torch.long, device=self.device)
-        logits, hidden = decoder_forward(self.model, ids, self.cache, mask, pos_t)
-        self.forwards += 1
+        logits, hidden = self.forward_masked(pending + list(tree.tokens), visible, pos)
         self._last = (m, n)
+        return logits, hidden
+
+    @torch.inference_mode()
+    def forward_masked(self, tokens: Sequence[int], visible: torch.Tensor, positions: Sequence[int],
+                       head_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of new tokens under an explicit visibility: bool `visible` [q, cached + q] (row i: what new
+        token i may attend to, cached columns first), position ids `positions` [q]. The q keys/values are appended
+        to the cache; `length` is unchanged (call `keep` / `keep_columns` next). Returns logits [q' , V] of the rows
+        `head_rows` (all when None) and features [q, d]. Used by `verify` and by speculative beam search, whose
+        committed context is a tree of beams rather than one sequence."""
+        ids = torch.tensor([[int(t) for t in tokens]], dtype=torch.long, device=self.device)
+        mask = additive_mask(visible.to(self.device), self.dtype)
+        pos_t = torch.tensor([list(positions)], dtype=torch.long, device=self.device)
+        logits, hidden = decoder_forward(self.model, ids, self.cache, mask, pos_t, head_rows)
+        self.forwards += 1
         return logits[0], hidden[0]
+
+    def keep_columns(self, columns: Sequence[int]) -> None:
+        """Keep only these cache columns (strictly increasing), e.g. the prompt and the ancestors of live beams."""
+        keep_positions(self.cache, columns)
+        self.length = len(columns)
+        self._last = None
 
     @torch.inference_mode()
     def keep(self, path: Sequence[int]) -> None:
@@ -119,9 +143,12 @@ class TargetSession:
             raise PadrecError("keep() without a preceding verify()")
         m, n = self._last
         base = self.length + m
+        path = [int(j) for j in path]
         if any(not 0 <= j < n for j in path):
-            raise PadrecError(f"keep(): path {list(path)} outside the {n} verified nodes")
-        keep_positions(self.cache, list(range(base)) + [base + int(j) for j in path])
+            raise PadrecError(f"keep(): path {path} outside the {n} verified nodes")
+        if any(b <= a for a, b in zip(path, path[1:])):
+            raise PadrecError("keep_positions needs strictly increasing, non-negative positions")
+        keep_prefix_and(self.cache, base, [base + j for j in path])
         self.length = base + len(path)
         self._last = None
 
@@ -140,6 +167,7 @@ def accept_greedy(
     `limit` tokens, i.e. the list is complete)."""
     path: list[int] = []
     node = -1
+    top: list[int] | None = None  # unconstrained arg-max of the root row, then of every node row
     while True:
         if len(path) >= limit:
             return path, None
@@ -147,8 +175,15 @@ def accept_greedy(
         if len(toks) == 1:
             choice = toks[0]
         else:
-            row = _row(root_logits, node_logits, node)
-            choice = _choose(row, toks, tensor.to(row.device), cfg, None)
+            # The constrained arg-max (`_choose`: first maximum among the allowed tokens, which are sorted) is the
+            # unconstrained one whenever that is allowed: it is the smallest token holding the global maximum, so
+            # no allowed token before it can tie. One arg-max over all rows replaces a gather + arg-max per node.
+            if top is None:
+                top = [int(root_logits.argmax())] + (node_logits.argmax(-1).tolist() if len(node_logits) else [])
+            choice = top[node + 1]
+            if choice not in toks:
+                row = _row(root_logits, node_logits, node)
+                choice = _choose(row, toks, tensor.to(row.device), cfg, None)
         child = tree.child_by_token(node).get(choice)
         if child is None:
             return path, choice

@@ -1,0 +1,241 @@
+"""Inference-only execution of an EAGLE draft head (fc -> decoder layer -> LM head) with plain torch ops.
+
+At batch 1 on a CPU the draft's cost is per-op overhead and weight reads: the Hugging Face layer goes through a stack
+of nn.Module calls, a DynamicCache that concatenates and crops, a rotary module that recomputes cos/sin on every call
+and a separate linear per projection. This module computes the same function from the same weights:
+
+* the weights are gathered once per model (again when any of them changes): q/k/v as one matrix, and the token half
+  of the fusion layer folded into a per-token table, fc([e; f]) = (W_e e + b) + W_f f, so a node costs one row
+  lookup and a d x d product there instead of a concatenation and a d x 2d product;
+* matrices stay in nn.Linear's (out, in) layout and go through `F.linear`. A transposed copy multiplied with
+  `torch.mm` is much faster in isolation but only ~3% inside a whole draft step, and for 1-4 rows it accumulates
+  each output sequentially over the input dimension: twice the rounding error of the module path;
+* cos/sin come from a table built once with the rotary module's own inverse frequencies (position * inv_freq is the
+  same float32 product either way, so the table holds exactly the numbers the module computes per call);
+* keys/values live in preallocated buffers (`KVBuffer`): appending is a copy into place and dropping speculative
+  entries is moving an integer, never a reallocation.
+
+RMSNorm uses `torch.rms_norm` for float32 (bit-identical to LlamaRMSNorm there) and Hugging Face's float32 round
+trip for other dtypes. What differs from the module path is the summation order of some products (the fusion split,
+the q/k/v fusion, single-row products where the module had several rows), so logits agree to float32 rounding and
+are as close to the float64 result as the module path's (tests/test_fast_draft.py).
+
+The `extra()` hook of the draft model (PAD-Rec's position module) is not re-implemented here: the session calls it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FastDraftWeights", "KVBuffer", "fast_weights", "supports_fast_path"]
+
+_ROPE_TABLE_MIN = 2048
+
+
+def supports_fast_path(model) -> str | None:
+    """None when `model` (an EagleDraftModel) can run on the fused path; otherwise why not."""
+    from padrec.drafts.eagle import EagleDraftModel  # eagle.py imports this module
+
+    if not isinstance(model, EagleDraftModel):
+        return f"{type(model).__name__} is not an EagleDraftModel"
+    # the fused path re-derives fuse/forward/logits from the weights and calls only the extra() hook: a subclass
+    # that changes any of the others would be bypassed silently
+    changed = [name for name in ("fuse", "forward", "logits")
+               if getattr(type(model), name) is not getattr(EagleDraftModel, name)]
+    if changed:
+        return f"{type(model).__name__} overrides {', '.join(changed)}"
+    layer = getattr(model, "layer", None)
+    attn = getattr(layer, "self_attn", None)
+    mlp = getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not hasattr(model, "rotary"):
+        return "the draft has no Llama-style decoder layer"
+    cfg = attn.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (the fused path implements SiLU)"
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        if lin.bias is not None:
+            return "biased attention/MLP projections"
+    if getattr(model.rotary, "rope_type", "default") != "default":
+        return f"rope type {model.rotary.rope_type!r} (the fused path implements the default RoPE)"
+    if getattr(model.lm_head, "bias", None) is not None:
+        return "an LM head with a bias"
+    return None
+
+
+def _sources(model) -> list[torch.Tensor]:
+    layer = model.layer
+    a, m = layer.self_attn, layer.mlp
+    return [model.embed.weight, model.fc.weight, model.fc.bias, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+            a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, model.lm_head.weight,
+            model.rotary.inv_freq]
+
+
+def _stamp(model) -> tuple:
+    # data_ptr catches replaced tensors (load_state_dict(assign=True), .to()), _version catches in-place updates
+    # (optimizer steps, copy_): a cached copy is never used after its source changed
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in _sources(model))
+
+
+class FastDraftWeights:
+    """A snapshot of the draft head's weights in inference layout, plus the RoPE table. Read-only once built; a
+    session keeps the snapshot it started with, so a weight update never reaches a session halfway."""
+
+    def __init__(self, model):
+        why = supports_fast_path(model)
+        if why is not None:
+            raise ValueError(f"no fused inference path for this draft: {why}")
+        self.stamp = _stamp(model)
+        layer = model.layer
+        attn, mlp = layer.self_attn, layer.mlp
+        cfg = model.cfg
+        self.d = cfg.hidden_size
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_width = self.heads * self.head_dim
+        self.kv_width = self.kv_heads * self.head_dim
+        self.scale = attn.scaling
+        self.eps1 = float(layer.input_layernorm.variance_epsilon)
+        self.eps2 = float(layer.post_attention_layernorm.variance_epsilon)
+        w = model.fc.weight
+        self.dtype, self.device = w.dtype, w.device
+        with torch.no_grad():
+            # fc([e; f]) + b = (W_e e + b) + W_f f: the token half depends on the token only, so it is a table
+            # [V, d] read one row per node, and the per-node product shrinks to the feature half
+            fc_w = model.fc.weight.detach()
+            self.token_proj = F.linear(model.embed.weight.detach(), fc_w[:, : self.d], model.fc.bias.detach())
+            self.fc_feat_w = fc_w[:, self.d :].contiguous()
+            self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0).detach()
+            self.o_w = attn.o_proj.weight.detach().clone()
+            # gate and up stay two products: one [2I, d] product measured no faster at batch 1
+            self.gate_w = mlp.gate_proj.weight.detach().clone()
+            self.up_w = mlp.up_proj.weight.detach().clone()
+            self.down_w = mlp.down_proj.weight.detach().clone()
+            self.ln1 = layer.input_layernorm.weight.detach().clone()
+            self.ln2 = layer.post_attention_layernorm.weight.detach().clone()
+            self.head_w = model.lm_head.weight.detach().clone()
+        self.inv_freq = model.rotary.inv_freq.detach().to(self.device, torch.float32)
+        self.rope_scaling = float(model.rotary.attention_scaling)
+        self.q_w = self.qkv_w[: self.q_width]
+        self.kv_w = self.qkv_w[self.q_width :]
+        self.cos = self.sin = torch.empty(0)
+        self._grow_rope(max(_ROPE_TABLE_MIN, int(cfg.max_positions)))
+        self.vocab_size = self.token_proj.shape[0]
+        self.arange = torch.arange(_ROPE_TABLE_MIN, device=self.device)  # its slices are index tensors for free
+
+    # --- RoPE ---------------------------------------------------------------------------------------------------
+    def _grow_rope(self, n: int) -> None:
+        # the same float32 numbers LlamaRotaryEmbedding computes per call (position * inv_freq, cos/sin, scaling),
+        # cast to the model dtype; sin carries rotate_half's sign so that rotate_half(x) * sin == roll(x) * sin_signed
+        pos = torch.arange(n, dtype=torch.float32, device=self.device)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(self.dtype)
+        sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        half = self.head_dim // 2
+        sin[:, :half].neg_()
+        self.cos, self.sin = cos, sin
+
+    def rope_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [stop - start, 1, head_dim] for consecutive positions start..stop-1."""
+        if stop > self.cos.shape[0]:
+            self._grow_rope(max(stop, 2 * self.cos.shape[0]))
+        return self.cos[start:stop, None], self.sin[start:stop, None]
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [len(positions), 1, head_dim] for arbitrary positions (a LongTensor)."""
+        top = int(positions.max()) + 1
+        if top > self.cos.shape[0]:
+            self._grow_rope(max(top, 2 * self.cos.shape[0]))
+        return self.cos.index_select(0, positions)[:, None], self.sin.index_select(0, positions)[:, None]
+
+    # --- the pieces -------------------------------------------------------------------------------------------
+    def rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return torch.rms_norm(x, (self.d,), weight, eps)
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin for x [n, heads, head_dim] (the same products and sum)."""
+        return x * cos + x.roll(self.head_dim // 2, -1) * sin
+
+    def fuse(self, token_rows: torch.Tensor, feats: torch.Tensor, zero_first_feature: bool = False) -> torch.Tensor:
+        """fc([embed(token); feature]) for each row, from the rows of `token_proj` of the tokens."""
+        y = F.linear(feats.to(self.dtype), self.fc_feat_w)
+        if zero_first_feature:
+            y[0] = 0.0
+        return y.add_(token_rows)
+
+    def attend(self, q: torch.Tensor, cache: "KVBuffer", length: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [n, heads, head_dim] over the first `length` cached keys -> attention output [n, heads * head_dim]."""
+        n = q.shape[0]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], cache.keys[None, :, :length], cache.values[None, :, :length],
+            attn_mask=mask, scale=self.scale, enable_gqa=self.kv_heads != self.heads,
+        )
+        return out[0].transpose(0, 1).reshape(n, self.q_width)
+
+    def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + o_proj, then the MLP block: the layer's output feature for each row."""
+        h = h + F.linear(attn, self.o_w)
+        x = self.rms(h, self.ln2, self.eps2)
+        return h + F.linear(F.silu(F.linear(x, self.gate_w)) * F.linear(x, self.up_w), self.down_w)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.linear(feats, self.head_w)
+
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, FastDraftWeights]" = weakref.WeakKeyDictionary()
+
+
+def fast_weights(model) -> FastDraftWeights:
+    """The inference layout of `model`'s weights, rebuilt only when a weight changed since the last call."""
+    hit = _CACHE.get(model)
+    if hit is not None and hit.stamp == _stamp(model):
+        return hit
+    with torch.inference_mode():
+        hit = FastDraftWeights(model)
+    _CACHE[model] = hit
+    return hit
+
+
+class KVBuffer:
+    """Keys and values of one layer, [kv_heads, capacity, head_dim] each, filled up to `length`. Growing doubles
+    the capacity (a copy); shrinking only moves `length`."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype, device, capacity: int = 256):
+        self.keys = torch.empty(kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def get_seq_length(self) -> int:  # the DynamicCache name, so callers can read either
+        return self.length
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        cap = max(n, 2 * self.capacity)
+        keys = self.keys.new_empty(self.keys.shape[0], cap, self.keys.shape[2])
+        values = torch.empty_like(keys)
+        keys[:, : self.length] = self.keys[:, : self.length]
+        values[:, : self.length] = self.values[:, : self.length]
+        self.keys, self.values = keys, values
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [n, kv_heads, head_dim] at slots start..start+n-1; the buffer then ends there."""
+        n = k.shape[0]
+        self.reserve(start + n)
+        self.keys[:, start : start + n] = k.transpose(0, 1)
+        self.values[:, start : start + n] = v.transpose(0, 1)
+        self.length = start + n
+
+    def truncate(self, n: int) -> None:
+        self.length = min(self.length, n)
