@@ -71,9 +71,28 @@ def test_session_slots_equal_training_slots():
     seen = []
 
     class Recording(PadRecDraftModel):
+        """Records the slots of each call (by position), on whichever path the session takes."""
+
+        committed = 0
+
         def extra(self, h, slots=None, depths=None, position_ids=None):
             seen.append((slots[0].tolist(), position_ids[0].tolist()))
             return super().extra(h, slots, depths, position_ids)
+
+        def session_extra(self):
+            inner = super().session_extra()
+            model = self
+
+            def apply(h, slots, depths):
+                if all(d == 0 for d in depths):  # a commit: consecutive positions after the committed ones
+                    positions = list(range(model.committed, model.committed + len(slots)))
+                    model.committed += len(slots)
+                else:
+                    positions = [model.committed - 1 + d for d in depths]
+                seen.append((list(slots), positions))
+                return inner(h, slots, depths)
+
+            return apply
 
     base = _padrec(levels=3)
     model = Recording(base.cfg, base.position.cfg)

@@ -338,6 +338,8 @@ class EagleSession(DraftSession):
         self.w = w = fast_weights(model)
         self.cache = KVBuffer(w.kv_heads, w.head_dim, w.dtype, w.device)
         self._extra = type(model).extra is not EagleDraftModel.extra
+        # a model may offer a cheaper session-time version of its hook (PAD-Rec: tables frozen per session)
+        self._session_extra = model.session_extra() if self._extra and hasattr(model, "session_extra") else None
         self._needs_slots = bool(model.needs_slots)
         self._levels = model.levels if self._needs_slots else 0
         self._neg = torch.finfo(w.dtype).min
@@ -401,7 +403,9 @@ class EagleSession(DraftSession):
                 run = next_run(run, t)
                 slots.append(slot_of(run, t, self._levels))
             self.last_run = run
-        if self._extra:
+        if self._session_extra is not None:
+            h = self._session_extra(h, slots, [0] * n)
+        elif self._extra:
             zeros = torch.zeros(1, n, dtype=torch.long, device=w.device)
             positions = (self.w.arange[C : C + n] if C + n <= self.w.arange.shape[0]
                          else torch.arange(C, C + n, device=w.device))[None]
@@ -472,7 +476,10 @@ class EagleSession(DraftSession):
         h = w.fuse(self._token_rows(toks), feats[0][None] if k == 1 else torch.stack(feats))
         if self._extra:
             slots = [slot_of(r, t, self._levels) for r, t in zip(runs, toks)] if track_runs else None
-            h = self._call_extra(h, slots, self._long(deps), self._long([C - 1 + x for x in deps]))
+            if self._session_extra is not None:
+                h = self._session_extra(h, slots, deps)
+            else:
+                h = self._call_extra(h, slots, self._long(deps), self._long([C - 1 + x for x in deps]))
         x = w.rms(h, w.ln1, w.eps1)
         if same_depth:  # one row of the table, broadcast over the nodes
             cos, sin = w.rope_rows(C - 1 + deps[0], C + deps[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from padrec.drafts.eagle import EagleConfig, EagleDraftModel
@@ -67,6 +68,29 @@ class PositionModule(nn.Module):
                 nn.init.normal_(self.gate.weight, 0.0, std)
                 nn.init.zeros_(self.gate.bias)
 
+    @torch.no_grad()
+    def inference_fn(self):
+        """The same map for a decoding session, from tables frozen when the session starts: α·E_slot and E_step
+        rows are picked by plain indexing, the gate is one linear. Module calls and per-call clamps cost more than
+        the arithmetic on a CPU at batch 1, and the draft runs this at every step."""
+        cfg = self.cfg
+        slot_rows = (self.alpha * self.slot_embed.weight).detach().clone() if cfg.ipe else None
+        step_rows = self.step_embed.weight.detach().clone() if cfg.spe else None
+        gate = (self.gate.weight.detach().clone(), self.gate.bias.detach().clone()) if cfg.spe and cfg.gate else None
+        deepest = step_rows.shape[0] - 1 if step_rows is not None else 0
+
+        def apply(h: torch.Tensor, slots: list[int] | None, depths: list[int]) -> torch.Tensor:
+            """h [n, d] for n nodes with these slots and depths."""
+            if slot_rows is not None:
+                h = h + (slot_rows[slots[0]] if len(slots) == 1 else slot_rows[slots])
+            if step_rows is not None:
+                d = [min(x, deepest) for x in depths]
+                step = step_rows[d[0]] if len(d) == 1 else step_rows[d]
+                h = torch.addcmul(h, torch.sigmoid(F.linear(h, *gate)), step) if gate is not None else h + step
+            return h
+
+        return apply
+
     def forward(self, h: torch.Tensor, slots: torch.Tensor | None, depths: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.ipe:
             if slots is None:
@@ -107,6 +131,10 @@ class PadRecDraftModel(EagleDraftModel):
 
     def extra(self, h, slots=None, depths=None, position_ids=None):
         return self.position(h, slots, depths)
+
+    def session_extra(self):
+        """`extra` for a decoding session on the fused path: (h [n, d], slots, depths as int lists) -> h."""
+        return self.position.inference_fn()
 
     def model_config(self) -> dict:
         return {"eagle": self.cfg.to_dict(), "position": self.position.cfg.to_dict()}
