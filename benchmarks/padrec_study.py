@@ -22,7 +22,6 @@ draft with its base: Δτ and the wall-clock gain.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,11 +30,16 @@ import torch
 
 from padrec.drafts.registry import draft_dir, last_dir, list_drafts, load_draft, read_draft_meta
 from padrec.drafts.train import DraftTrainConfig, train_draft
-from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
-from padrec.pipeline import machine_description
+from padrec.evaluation.bench import (
+    BenchConfig,
+    display_rows,
+    load_run_results,
+    plot_acceptance,
+    run_bench,
+    save_run_results,
+)
 from padrec.run import Run
 from padrec.speculative.tree import TreeConfig
-from padrec.tokenizer.semantic_ids import atomic_write_text
 from padrec.ui import console, table
 
 FAMILIES = {
@@ -52,14 +56,6 @@ ABLATIONS = {
     "padrec-hass-alpha1": dict(kind="padrec", padrec_base="hass", learn_alpha=False),
 }
 BASE_OF = {"padrec-eagle": "eagle", "padrec-hass": "hass", **{k: "padrec-hass" for k in ABLATIONS}}
-
-
-def trees(chain: str, tree: str) -> list[TreeConfig]:
-    out = [TreeConfig.chain(int(g)) for g in chain.split(",") if g]
-    for spec in (tree.split(";") if tree else []):
-        d, k, n = (int(x) for x in spec.split(","))
-        out.append(TreeConfig(kind="tree", depth=d, top_k=k, total_tokens=n))
-    return out
 
 
 def same_settings(saved: dict, cfg: DraftTrainConfig) -> bool:
@@ -132,7 +128,7 @@ def main() -> None:
     ablate = set(filter(None, a.ablate_runs.split(",")))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(out.read_text())["runs"] if out.is_file() else {}
+    results = load_run_results(out)
     for run_dir in filter(None, a.runs.split(",")):
         run = Run(run_dir)
         names = a.drafts.split(",") + (list(ABLATIONS) if run_dir in ablate else [])
@@ -140,7 +136,7 @@ def main() -> None:
         if a.train_only:
             continue
         drafts = {f"st-{n}": load_draft(run, f"st-{n}") for n in names}
-        cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=trees(a.chain, a.tree), naive_ar=False,
+        cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=TreeConfig.parse_list(a.chain, a.tree), naive_ar=False,
                           hf_generate=False)
         res = run_bench(run, drafts, cfg)
         res.update(dataset=run.info.dataset, layout=run.sids.vocab.layout, levels=run.sids.vocab.levels,
@@ -157,8 +153,7 @@ def main() -> None:
         shown = {**res, "rows": [r for r in res["rows"] if r["draft"] in ("st-hass", "st-padrec-hass", "st-eagle",
                                                                            "st-padrec-eagle")]}
         plot_acceptance(shown, out.parent / f"{stem}.png")
-        atomic_write_text(out, json.dumps({"command": " ".join(["benchmarks/padrec_study.py"] + sys.argv[1:]),
-                                           "machine": machine_description(), "runs": results}, indent=2))
+        save_run_results(out, "benchmarks/padrec_study.py", sys.argv[1:], results)
     console.print(f"written to {out}")
 
 

@@ -19,20 +19,17 @@ import torch
 
 from padrec.drafts.registry import list_drafts, load_draft
 from padrec.drafts.train import DraftTrainConfig, train_draft
-from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
-from padrec.pipeline import machine_description
+from padrec.evaluation.bench import (
+    BenchConfig,
+    display_rows,
+    load_run_results,
+    plot_acceptance,
+    run_bench,
+    save_run_results,
+)
 from padrec.run import Run
 from padrec.speculative.tree import TreeConfig
-from padrec.tokenizer.semantic_ids import atomic_write_text
 from padrec.ui import console, table
-
-
-def trees(chain: str, tree: str) -> list[TreeConfig]:
-    out = [TreeConfig.chain(int(g)) for g in chain.split(",") if g]
-    for spec in (tree.split(";") if tree else []):
-        d, k, n = (int(x) for x in spec.split(","))
-        out.append(TreeConfig(kind="tree", depth=d, top_k=k, total_tokens=n))
-    return out
 
 
 def main() -> None:
@@ -53,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     out = Path(a.out)
-    results = json.loads(out.read_text())["runs"] if out.is_file() else {}
+    results = load_run_results(out)
     for run_dir in a.runs.split(","):
         run = Run(run_dir)
         have = list_drafts(run)
@@ -63,7 +60,7 @@ def main() -> None:
                 train_draft(run, DraftTrainConfig(kind=kind, epochs=a.draft_epochs, time_budget_min=a.draft_budget_min,
                                                   threads=a.threads))
             drafts[kind] = load_draft(run, kind)
-        cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=trees(a.chain, a.tree), naive_ar=not a.no_naive,
+        cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=TreeConfig.parse_list(a.chain, a.tree), naive_ar=not a.no_naive,
                           hf_generate=not a.no_hf)
         res = run_bench(run, drafts, cfg)
         res["target"] = json.loads((run.target_dir / "padrec.json").read_text()).get("preset")
@@ -74,8 +71,7 @@ def main() -> None:
         console.print(table(shown, title=f"{key}: batch-1 list-wise greedy, {res['users']} users, "
                                          f"{res['threads']} thread(s)"))
         plot_acceptance(res, out.parent / f"sd_speed_{str(run_dir).strip('/').replace('/', '_')}.png")
-        atomic_write_text(out, json.dumps({"command": " ".join(["benchmarks/sd_speed.py"] + sys.argv[1:]),
-                                           "machine": machine_description(), "runs": results}, indent=2))
+        save_run_results(out, "benchmarks/sd_speed.py", sys.argv[1:], results)
     console.print(f"written to {out}")
 
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import perturb
 
 from padrec import PadrecError
 from padrec.drafts.base import Draft
@@ -34,13 +35,7 @@ CTX = [1, 5, 9, 3, 12, 7, 3]
 def _eagle(seed: int = 1) -> EagleDraftModel:
     """A draft with non-trivial random weights (the default init keeps the layer near the identity)."""
     target = build_target(V, "tiny", seed=0)
-    model = EagleDraftModel.from_target(target, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturb(EagleDraftModel.from_target(target, seed=seed), seed)
 
 
 def _feats(n: int, d: int = 32, seed: int = 0) -> torch.Tensor:

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from helpers import perturb as _perturb
 
 from padrec.drafts.eagle import EagleConfig, EagleDraft, EagleDraftModel, EagleSession, ReferenceEagleSession
 from padrec.drafts.fast_layer import fast_weights
@@ -27,16 +28,6 @@ ATOL = 1e-5
 # is 5e-5 away from its float64 result: an absolute 1e-5 then measures float32 rounding, not the implementation
 # (test_fused_path_is_as_accurate_as_the_module_path covers that regime).
 SCALE = 0.2
-
-
-def _perturb(model, seed: int, scale: float):
-    """Non-trivial random weights (the default init keeps the layer near the identity, the embeddings near 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _model(kind: str, seed: int = 1, scale: float = SCALE):

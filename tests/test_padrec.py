@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from helpers import perturb as _perturb
 
 from padrec.drafts.eagle import EagleDraft, EagleDraftModel
 from padrec.drafts.hass import step_mask, step_mask_reference, unrolled_features
@@ -19,16 +20,6 @@ from padrec.tokenizer.vocab import BOS, PAD, SEP
 torch.set_num_threads(1)
 V = 40
 D = 32
-
-
-def _perturb(model, seed: int):
-    """Non-trivial random weights (the default init keeps the layer near the identity, the embeddings near 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _padrec(levels=3, seed=1, **parts) -> PadRecDraftModel:

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from helpers import perturb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -143,12 +144,7 @@ def feature_draft(target, levels: int | None):
         model = EagleDraftModel.from_target(target, seed=3)
     else:
         model = PadRecDraftModel.from_target(target, PositionConfig(levels=levels, trained_depths=3), seed=3)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return EagleDraft(model.to(torch.float64).eval(), name="padrec" if levels else "eagle")
+    return EagleDraft(perturb(model, 5).to(torch.float64).eval(), name="padrec" if levels else "eagle")
 
 
 def make_drafts(vocab_size: int, target, levels: int = 2):

@@ -180,10 +180,7 @@ def _spec_config(a):
 def _tree_configs(a) -> list:
     from padrec.speculative.tree import TreeConfig
 
-    trees = [TreeConfig.chain(int(g)) for g in a.chain.split(",") if g] if a.chain else []
-    for spec in (a.tree.split(";") if a.tree else []):
-        depth, top_k, total = (int(x) for x in spec.split(","))
-        trees.append(TreeConfig(kind="tree", depth=depth, top_k=top_k, total_tokens=total))
+    trees = TreeConfig.parse_list(a.chain, a.tree)
     if not trees:
         raise PadrecError("give at least one --chain GAMMA or --tree DEPTH,TOPK,TOTAL")
     return trees
@@ -201,7 +198,8 @@ def cmd_train_draft(a) -> None:
     cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                            time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
                            hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
-                           gate="gate" not in off, learn_alpha="alpha" not in off)
+                           gate="gate" not in off, learn_alpha="alpha" not in off, align=a.align,
+                           align_weight=a.align_weight, align_topk=a.align_topk)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
     console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))
@@ -222,6 +220,8 @@ def cmd_bench(a) -> None:
         torch.set_num_threads(a.threads)
     run = Run(a.run)
     drafts = {name: load_draft(run, name) for name in a.drafts.split(",") if name}
+    if a.mode == "beam":
+        return _bench_beam(a, run, drafts)
     cfg = BenchConfig(users=a.users, warmup=a.warmup, n_items=a.n_items, trees=_tree_configs(a),
                       naive_ar=not a.no_naive, hf_generate=not a.no_hf)
     result = run_bench(run, drafts, cfg)
@@ -233,6 +233,32 @@ def cmd_bench(a) -> None:
                                      f"{result['users']} users, {result['threads']} threads"))
     png = plot_acceptance(result, out.with_suffix(".png"))
     console.print(f"written {out}" + (f" and {png}" if png else ""))
+
+
+def _bench_beam(a, run, drafts) -> None:
+    from padrec.evaluation.beam_bench import BeamBenchConfig, display_beam_rows, run_beam_bench
+    from padrec.pipeline import machine_description
+    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.ui import console, table
+
+    def ints(text):
+        return [int(x) for x in text.split(",") if x]
+
+    modes = [m for m in a.verify.split(",") if m]
+    if not drafts or not modes or set(modes) - {"strict", "relaxed"}:
+        raise PadrecError("--mode beam needs --drafts NAME[,NAME] and --verify strict,relaxed (or one of them)")
+    cfg = BeamBenchConfig(users=a.users, warmup=a.warmup, ks=ints(a.beam_k), draft_beams=ints(a.draft_beams),
+                          gammas=ints(a.gamma), modes=modes,
+                          temperatures=[float(x) for x in a.relaxed_temperature.split(",") if x])
+    result = run_beam_bench(run, drafts, cfg)
+    result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
+    out = Path(a.out) if a.out else run.results_dir / "bench_beam.json"
+    atomic_write_text(out, json.dumps(result, indent=2))
+    console.print(table(display_beam_rows(result["rows"]),
+                        title=f"{run.info.dataset}: batch-1 top-K beam search, {result['users']} users, "
+                              f"{result['threads']} threads; τ = {result['levels']} beam levels / target forwards"))
+    console.print(f"{result['baseline']}; speedup = median over users of plain/speculative time, pair by pair")
+    console.print(f"written {out}")
 
 
 def cmd_demo(a) -> None:
@@ -314,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate", default=None,
                    help="padrec: parts to switch off, comma-separated: ipe, spe, gate (plain addition), "
                         "alpha (fixed at 1)")
+    p.add_argument("--align", default=None, choices=["strict", "relaxed"],
+                   help="add AtSpeed top-K alignment along the target's beams: strict (reverse KL on the draft's "
+                        "top-K + density) for strict speculative beam search, relaxed (TVD) for relaxed")
+    p.add_argument("--align-weight", type=float, default=0.5, help="weight of the alignment term")
+    p.add_argument("--align-topk", type=int, default=10, help="K of the teacher beams and of the top-K support")
     p.add_argument("--name", default=None, help="folder name under DIR/drafts (default: the draft kind)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -326,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="batch-1 latency: autoregressive vs speculative decoding, pair by pair")
     p.add_argument("--run", required=True)
     p.add_argument("--drafts", default="eagle", help="comma-separated draft names of the run")
-    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--users", type=int, default=100, help="users to time (beam mode: 0 = every user of the split)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--n-items", type=int, default=10)
     p.add_argument("--chain", default="4", help="comma-separated chain lengths γ")
@@ -335,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default=None, help="JSON path (default DIR/results/bench.json)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mode", default="list", choices=["list", "beam"],
+                   help="list: list-wise greedy SD (the flags above); beam: speculative top-K beam search (below)")
+    p.add_argument("--beam-k", default="10", help="beam: comma-separated K (beam width = list length)")
+    p.add_argument("--draft-beams", default="40", help="beam: comma-separated N, the draft's beam width (>= K)")
+    p.add_argument("--gamma", default="3", help="beam: comma-separated drafted levels per round")
+    p.add_argument("--verify", default="strict,relaxed", help="beam: strict (lossless) and/or relaxed (AtSpeed-R)")
+    p.add_argument("--relaxed-temperature", default="1", help="beam: comma-separated sampling temperatures (relaxed)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: tokenize, train, evaluate on the default dataset")

@@ -187,6 +187,31 @@ class EagleDraftModel(nn.Module):
                           use_cache=cache is not None, position_embeddings=pos_emb)
 
 
+def _start_commit(session, tokens: Sequence[int], features) -> int:
+    """What every EAGLE session does first on commit(): drop speculative nodes, check the arguments. Returns the
+    number of tokens (0: nothing to add, the last logits stand)."""
+    if session._spec_feat:
+        session.rollback()
+    if len(tokens) == 0 and session.last_logits is None:
+        raise ValueError("commit() needs at least one token on an empty session")
+    if len(tokens) and features is None:
+        raise ValueError("the EAGLE draft needs the target's features for committed tokens")
+    return len(tokens)
+
+
+def _check_parent(session, base: int, node: int, parent: int, depth: int) -> None:
+    """A node hangs below the last committed token at depth 1, or below a node of an earlier propose() call
+    (`base` nodes exist) one level deeper: its parent's predicted feature must already exist."""
+    if parent == -1:
+        if depth != 1:
+            raise ValueError(f"node {node}: a child of the last committed token has depth 1, not {depth}")
+        return
+    if not 0 <= parent < base:
+        raise ValueError(f"node {node}: parent {parent} must be a node of an earlier propose() call (0..{base - 1})")
+    if depth != session._spec_depth[parent] + 1:
+        raise ValueError(f"node {node}: depth {depth} but its parent {parent} has depth {session._spec_depth[parent]}")
+
+
 def _crop_cache(cache: DynamicCache, keep: int) -> None:
     cur = cache.get_seq_length()
     if cur > keep:
@@ -218,15 +243,9 @@ class ReferenceEagleSession(DraftSession):
 
     @torch.inference_mode()
     def commit(self, tokens: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
-        if self._spec_feat:
-            self.rollback()
-        n = len(tokens)
+        n = _start_commit(self, tokens, features)
         if n == 0:
-            if self.last_logits is None:
-                raise ValueError("commit() needs at least one token on an empty session")
             return self.last_logits
-        if features is None:
-            raise ValueError("the EAGLE draft needs the target's features for committed tokens")
         d, dtype, dev = self.model.cfg.hidden_size, self.model.fc.weight.dtype, self.model.fc.weight.device
         feats = torch.as_tensor(features).to(dev, dtype).reshape(n, d).clone()
         if self.n_committed == 0:
@@ -261,18 +280,12 @@ class ReferenceEagleSession(DraftSession):
         feats, ancs, runs = [], [], []
         for j, (p, dep) in enumerate(zip(parents, depths)):
             p, dep = int(p), int(dep)
+            _check_parent(self, base, base + j, p, dep)
             if p == -1:
-                if dep != 1:
-                    raise ValueError(f"node {base + j}: a child of the last committed token has depth 1, not {dep}")
                 feats.append(self.last_feature)
                 ancs.append([base + j])
                 runs.append(next_run(self.last_run, int(tokens[j])))
             else:
-                if not 0 <= p < base:
-                    raise ValueError(
-                        f"node {base + j}: parent {p} must be a node of an earlier propose() call (0..{base - 1})")
-                if dep != self._spec_depth[p] + 1:
-                    raise ValueError(f"node {base + j}: depth {dep} but its parent {p} has depth {self._spec_depth[p]}")
                 feats.append(self._spec_feat[p])
                 ancs.append(self._spec_anc[p] + [base + j])
                 runs.append(next_run(self._spec_run[p], int(tokens[j])))
@@ -380,15 +393,9 @@ class EagleSession(DraftSession):
 
     @_in_inference_mode
     def commit(self, tokens: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
-        if self._spec_feat:
-            self.rollback()
-        n = len(tokens)
+        n = _start_commit(self, tokens, features)
         if n == 0:
-            if self.last_logits is None:
-                raise ValueError("commit() needs at least one token on an empty session")
             return self.last_logits
-        if features is None:
-            raise ValueError("the EAGLE draft needs the target's features for committed tokens")
         w = self.w
         toks = [int(t) for t in tokens]
         feats = features if isinstance(features, torch.Tensor) else torch.as_tensor(features)
@@ -452,20 +459,14 @@ class EagleSession(DraftSession):
         track_runs = self._needs_slots
         for j, (p, dep) in enumerate(zip(parents, deps)):
             p = int(p)
+            _check_parent(self, base, base + j, p, dep)
             if p == -1:
-                if dep != 1:
-                    raise ValueError(f"node {base + j}: a child of the last committed token has depth 1, not {dep}")
                 feats.append(self.last_feature)
                 ancs.append([base + j])
                 chain.append(base + j == 0)
                 if track_runs:
                     runs.append(next_run(self.last_run, toks[j]))
             else:
-                if not 0 <= p < base:
-                    raise ValueError(
-                        f"node {base + j}: parent {p} must be a node of an earlier propose() call (0..{base - 1})")
-                if dep != self._spec_depth[p] + 1:
-                    raise ValueError(f"node {base + j}: depth {dep} but its parent {p} has depth {self._spec_depth[p]}")
                 feats.append(self._spec_feat[p])
                 ancs.append(self._spec_anc[p] + [base + j])
                 chain.append(p == base + j - 1 and self._spec_chain[p])

@@ -7,6 +7,7 @@ of AR time / SD time, with the ratio of medians beside it, and τ (committed tok
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
@@ -150,6 +151,23 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
     return {"rows": rows, "users": len(ar_times), "warmup": cfg.warmup, "n_items": cfg.n_items,
             "speedup_definition": "median over users of (AR time / decoder time), same user back to back",
             "threads": torch.get_num_threads()}
+
+
+def load_run_results(out) -> dict:
+    """The per-run results already in a benchmark JSON (so runs can be added one invocation at a time)."""
+    from pathlib import Path
+
+    out = Path(out)
+    return json.loads(out.read_text())["runs"] if out.is_file() else {}
+
+
+def save_run_results(out, script: str, argv: list[str], runs: dict) -> None:
+    """Write a benchmark JSON: the command that produced it, the machine and commit, and the per-run results."""
+    from padrec.pipeline import machine_description
+    from padrec.tokenizer.semantic_ids import atomic_write_text
+
+    atomic_write_text(out, json.dumps({"command": " ".join([script, *argv]), "machine": machine_description(),
+                                       "runs": runs}, indent=2))
 
 
 def _sum_rates(per_user: list[list[list[int]]]) -> list[float | None]:

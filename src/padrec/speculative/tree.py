@@ -54,6 +54,18 @@ class TreeConfig:
     def chain(cls, depth: int = 5) -> "TreeConfig":
         return cls(kind="chain", depth=depth, top_k=1, total_tokens=depth)
 
+    @classmethod
+    def parse_list(cls, chains: str | None, trees: str | None) -> list["TreeConfig"]:
+        """Command-line shapes: chains "3,5" (γ values), trees "5,4,24;6,6,32" (DEPTH,TOPK,TOTAL each)."""
+        out = [cls.chain(int(g)) for g in (chains or "").split(",") if g.strip()]
+        for spec in filter(None, (trees or "").split(";")):
+            try:
+                depth, top_k, total = (int(x) for x in spec.split(","))
+            except ValueError as e:
+                raise PadrecError(f"a tree is DEPTH,TOPK,TOTAL (three integers), got {spec!r}") from e
+            out.append(cls(kind="tree", depth=depth, top_k=top_k, total_tokens=total))
+        return out
+
     @property
     def branching(self) -> int:
         return 1 if self.kind == "chain" else self.top_k
