@@ -154,7 +154,8 @@ def cmd_recommend(a) -> None:
     items = rec.run.dataset.items
     if a.decoder == "sd":
         if cfg.mode != "list":
-            raise PadrecError("--decoder sd works in list mode (--mode list); speculative beam search is not built yet")
+            raise PadrecError("--decoder sd works in list mode (--mode list); speculative beam search is "
+                              "measured with `padrec bench --mode beam`")
         spec = _spec_config(a)
         lines = []
         # batch 1 per user, so any split of the users over torchrun ranks gives the same lists

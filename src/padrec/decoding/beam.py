@@ -49,7 +49,10 @@ __all__ = [
     "beam_search_items",
     "beam_search_items_batch",
     "beam_search_reference",
+    "beam_rank_key",
     "enumerate_items_reference",
+    "expansion_scores",
+    "select_top_k",
 ]
 
 _GREEDY = GenerationConfig(n_items=1)  # constraint only: log-softmax over the allowed tokens
@@ -125,21 +128,46 @@ def beam_search_items_batch(
     return out  # type: ignore[return-value]
 
 
-def _select(cands: torch.Tensor, beams: list[_Beam], vocab: int, k: int) -> list[tuple[float, tuple, int, int]]:
-    """Best `k` of the flat candidate scores [nb * V] (-inf = not allowed) by (-score, token tuple).
+def beam_rank_key(score: float, seq: tuple[int, ...]) -> tuple:
+    """The one ranking of beam candidates: higher score first, ties to the lexicographically smaller SID prefix.
+    Every beam search here (plain, reference, speculative, the drafts' own) ranks with it, so they agree on ties."""
+    return (-score, seq)
+
+
+def expansion_scores(logits: torch.Tensor, allowed: Sequence[torch.Tensor], scores: Sequence[float]) -> torch.Tensor:
+    """Flat candidate scores [nb * V] (float64, -inf = not allowed) of expanding nb beams by one token: beam score +
+    constrained log-probability. `logits` [nb, V] (one row per beam; a forced beam's row only needs to be finite:
+    a single allowed token gets log-probability 0 whatever the row), `allowed[i]` the LongTensor of beam i's
+    allowed tokens."""
+    dev = logits.device
+    vocab = logits.shape[-1]
+    flat = torch.cat([a.to(dev) + i * vocab for i, a in enumerate(allowed)])
+    amask = torch.zeros(len(allowed) * vocab, dtype=torch.bool, device=dev)
+    amask[flat] = True
+    logp = apply_logits_processing(logits, amask.view(-1, vocab), _GREEDY).double()
+    base = torch.as_tensor(scores, dtype=torch.float64, device=dev)
+    return (logp + base[:, None]).view(-1)
+
+
+def select_top_k(cands: torch.Tensor, prefixes: Sequence[tuple[int, ...]], vocab: int,
+                 k: int) -> list[tuple[float, tuple, int, int]]:
+    """Best `k` of the flat candidate scores [nb * V] (-inf = not allowed) by `beam_rank_key`; `prefixes[b]` is
+    beam b's SID prefix. Returns (score, prefix + token, b, token), best first.
 
     topk finds the k-th best score; every candidate scoring at least that (ties included) is then sorted in
     Python by the exact key, so the tie-break does not depend on topk's internal order."""
     n_fin = int(torch.isfinite(cands).sum())
     k = min(k, n_fin)
+    if k == 0:
+        return []
     thr = torch.topk(cands, k).values[-1]
     sel = (cands >= thr).nonzero().squeeze(1).tolist()
     vals = cands[sel].tolist()
     picked = []
     for flat, score in zip(sel, vals):
         b, tok = divmod(flat, vocab)
-        picked.append((score, beams[b].seq + (tok,), b, tok))
-    picked.sort(key=lambda c: (-c[0], c[1]))
+        picked.append((score, prefixes[b] + (tok,), b, tok))
+    picked.sort(key=lambda c: beam_rank_key(c[0], c[1]))
     return picked[:k]
 
 
@@ -231,12 +259,7 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
                         b.anc, b.extra = b.anc + tuple(range(c, c + k)), ()
                 past += q
                 fed += k
-                flat = torch.cat([a[1] + i * vocab for i, a in enumerate(allowed)]).to(dev)
-                amask = torch.zeros(len(flat_beams) * vocab, dtype=torch.bool, device=dev)
-                amask[flat] = True
-                logp = apply_logits_processing(logits, amask.view(-1, vocab), _GREEDY).double()
-                scores = torch.tensor([b.score for b in flat_beams], dtype=torch.float64, device=dev)
-                cand = (logp + scores[:, None]).view(-1)
+                cand = expansion_scores(logits, [a[1] for a in allowed], [b.score for b in flat_beams])
             new_beams = []
             row = 0
             for p, bs in enumerate(beams):
@@ -244,7 +267,8 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
                     picked = [(b.score, b.seq + (a[0][0],), j, a[0][0]) for j, (b, a) in
                               enumerate(zip(bs, allowed[row : row + len(bs)]))]
                 else:
-                    picked = _select(cand[row * vocab : (row + len(bs)) * vocab], bs, vocab, beam_size)
+                    picked = select_top_k(cand[row * vocab : (row + len(bs)) * vocab], [b.seq for b in bs], vocab,
+                                          beam_size)
                 nxt = []
                 for score, seq, j, tok in picked:
                     parent = bs[j]
@@ -293,7 +317,7 @@ def beam_search_reference(
                 logp = apply_logits_processing(logits[row], tensor.to(logits.device), _GREEDY).tolist()
                 for tok, lp in zip(toks, logp):
                     cands.append((score + lp, seq + (tok,), trie.child_of[node][tok]))
-            cands.sort(key=lambda c: (-c[0], c[1]))
+            cands.sort(key=lambda c: beam_rank_key(c[0], c[1]))
             beams = cands[:beam_size]
     top = beams[:top_k]
     return BeamResult([trie.leaf_item[node] for _, _, node in top], [s for s, _, _ in top], calls)
@@ -320,6 +344,6 @@ def enumerate_items_reference(
                 score += float(logp[allowed.index(tok)])
                 node = trie.child_of[node][tok]
             scored.append((score, toks, item))
-    scored.sort(key=lambda c: (-c[0], c[1]))
+    scored.sort(key=lambda c: beam_rank_key(c[0], c[1]))
     top = scored[: (top_k or len(scored))]
     return BeamResult([i for _, _, i in top], [s for s, _, _ in top], len(scored))

@@ -88,6 +88,11 @@ class DraftTrainConfig:
     lm_intermediate: int | None = None
     temperature: float = 1.0
     w_hard: float = 0.0  # weight of the hard CE on the data tokens
+    # top-K alignment along the target's beams (AtSpeed, drafts/alignment.py), added to any kind's loss
+    align: str | None = None  # None | "strict" (reverse KL on the draft's top-K + density) | "relaxed" (TVD)
+    align_weight: float = 0.5
+    align_topk: int = 10  # the target's beam width for the teacher beams, and the top-K support of "strict"
+    align_examples: int = 8  # examples per batch that get the term (each costs align_topk teacher-forced beams)
 
     @property
     def draft_name(self) -> str:
@@ -294,6 +299,13 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         if feature_pool is not None:
             feature_pool[pool_key] = (target, train_examples, valid_examples, train_feats, valid_feats)
     head = target.get_output_embeddings()
+    aligner = None
+    if cfg.align:
+        from padrec.decoding.trie import ItemTrie
+        from padrec.drafts.alignment import BeamAligner
+
+        aligner = BeamAligner(target, ItemTrie(run.sids.all_item_tokens()), train_examples, cfg.align,
+                              cfg.align_topk, cfg.align_examples, cfg.seed)
     lengths = [len(ids) for ids, _ in train_examples]
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -351,6 +363,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
             opt.zero_grad(set_to_none=True)
             if n_local:
                 loss, _, _ = draft_loss(cfg.kind, model, head, batch, train_feats(mine, batch), cfg)
+                if aligner is not None:
+                    loss = loss + cfg.align_weight * aligner.loss(cfg.kind, model, head, mine, cfg)
                 # the losses are means over this rank's positions: weighted by its share, the ranks' gradients
                 # sum to the gradient of the global batch's mean
                 (loss * (n_local / n_global) if world > 1 else loss).backward()
