@@ -54,6 +54,22 @@ def main_rows(runs: dict) -> list[dict]:
     return out
 
 
+def compact_rows(runs: dict) -> list[dict]:
+    """One row per run and configuration: τ (speedup) of every draft family, Recall/NDCG@10 (equal for all)."""
+    out = []
+    for res in runs.values():
+        ar = next(r for r in res["rows"] if r["decoder"] == "ar")
+        for decoder in dict.fromkeys(r["decoder"] for r in res["rows"] if r["decoder"] != "ar"):
+            rows = {r["draft"]: r for r in res["rows"] if r["decoder"] == decoder}
+            same = all(r["identical_to_ar"] == f"{res['users']}/{res['users']}" for r in rows.values())
+            out.append({"run": run_label(res), "decoder": decoder, "AR ms": round(ar["median_ms"], 1),
+                        **{d.removeprefix("st-"): f"{rows[d]['tau']:.2f} ({rows[d]['speedup']:.2f}×)"
+                           for d in MAIN if d in rows},
+                        "R@10": round(ar["recall@10"], 4), "N@10": round(ar["ndcg@10"], 4),
+                        "all = AR": "yes" if same else "NO"})
+    return out
+
+
 def gain_rows(runs: dict, ablations: bool) -> list[dict]:
     out = []
     for res in runs.values():
@@ -101,7 +117,7 @@ def main() -> None:
     a = ap.parse_args()
     files = a.files or sorted(p for p in glob.glob(str(RESULTS / "padrec_study*.json")) if "summary" not in p)
     data = load(files)
-    tables = {"all drafts": main_rows(data["runs"]), "PAD-Rec vs its base": gain_rows(data["runs"], False),
+    tables = {"τ (speedup vs AR) by draft": compact_rows(data["runs"]), "all drafts": main_rows(data["runs"]), "PAD-Rec vs its base": gain_rows(data["runs"], False),
               "ablations (vs full padrec-hass)": gain_rows(data["runs"], True)}
     for title, rows in tables.items():
         if a.markdown:
