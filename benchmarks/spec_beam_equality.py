@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--end", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--users", default=None, help="only these user ids (comma-separated), e.g. earlier mismatches")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -60,9 +61,13 @@ def main(argv=None) -> int:
     trie = ItemTrie(run.sids.all_item_tokens())
     cases = run.dataset.eval_cases(a.split, max_history=run.info.max_history)
     cases = cases[a.start : a.end]
+    if a.users:
+        wanted = {u.strip() for u in a.users.split(",")}
+        cases = [c for c in cases if str(c.user) in wanted]
     drafts = {name: load_draft(run, name) for name in a.drafts.split(",") if name}
     cfg = BeamSpecConfig(beam_size=a.k, draft_beams=max(a.n, a.k), gamma=a.gamma)
-    stats = {name: {"users": 0, "mismatches": [], "details": [], "max_score_diff": 0.0, "target_calls": 0}
+    stats = {name: {"users": 0, "mismatches": [], "details": [], "max_score_diff": 0.0, "target_calls": 0,
+                    "near_tie_fallbacks": 0}
              for name in drafts}
     plain_calls = 0
     doubles = {}
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
                 s = stats[name]
                 s["users"] += 1
                 s["target_calls"] += res.target_calls
+                s["near_tie_fallbacks"] += int(res.stats.get("near_tie_fallback", False))
                 if res.items != ref.items:
                     s["mismatches"].append(c.user)
                     s["details"].append(_mismatch(c.user, ref, res, lambda: f64(name, prompt)))
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
     for name, s in out["drafts"].items():
         print(f"{out['dataset']} users [{out['start']}, {out['end']}) draft {name}: exact {s['exact']}/{s['users']}, "
               f"max score diff {s['max_score_diff']:.2e}, target calls/user {s['target_calls_per_user']:.2f} "
-              f"(plain {out['plain_calls_per_user']:.2f})")
+              f"(plain {out['plain_calls_per_user']:.2f}), near-tie fallbacks {s['near_tie_fallbacks']}")
         for m in s["details"]:
             print(f"  user {m['user']}: same item set {m['same_set']}, largest plain-score gap between swapped "
                   f"items {m['max_swapped_score_gap']}, equal in float64: {m['float64_agree']}")

@@ -187,6 +187,33 @@ def test_perfect_draft_needs_one_forward():
         assert all(acc == att == 1 for att, acc in res.stats["accept_by_depth"])
 
 
+def test_near_ties_defer_to_plain_beam_search(monkeypatch):
+    """A choice that float rounding could flip is left to plain beam search itself: with a tolerance that calls
+    every choice a near-tie, each search falls back and returns plain's items and scores exactly; a real tolerance
+    on a float64 target does not fall back here."""
+    import padrec.speculative.beam as sb
+
+    assert sb._near_tie(torch.tensor([-1.0, -1.00001, -3.0, float("-inf")]), 1, 1e-4)  # gap at the top-1 boundary
+    assert not sb._near_tie(torch.tensor([-1.0, -1.5, -3.0, float("-inf")]), 2, 1e-4)
+    assert not sb._near_tie(torch.tensor([-1.0, float("-inf")]), 1, 1e-4)  # one finite candidate: nothing to flip
+    sizes = (4, 4, 3, 2)
+    vocab = SIDVocab(sizes, "per_level")
+    gen = torch.Generator().manual_seed(1)
+    codes = sorted({tuple(int(torch.randint(0, s, (1,), generator=gen)) for s in sizes) for _ in range(60)})
+    items = [vocab.item_tokens(c) for c in codes]
+    target = tiny_model(vocab.size, 6)
+    trie = ItemTrie(items)
+    prompt = make_prompt(items, [1, 2])
+    cfg = BeamSpecConfig(beam_size=4, draft_beams=8, gamma=2)
+    plain = beam_search_items(target, prompt, trie, 4, 4)
+    res = speculative_beam_search(target, ModelDraft(target), prompt, trie, cfg)
+    assert res.items == plain.items and not res.stats["near_tie_fallback"]
+    monkeypatch.setattr(sb, "near_tie_tolerance", lambda model: float("inf"))
+    res = speculative_beam_search(target, ModelDraft(target), prompt, trie, cfg)
+    assert res.stats["near_tie_fallback"] and res.items == plain.items and res.scores == plain.scores
+    assert res.target_calls == res.stats["target_forwards"] + plain.model_calls
+
+
 @settings(max_examples=15, **SETTINGS)
 @given(req=searches(), gen_seed=st.integers(0, 2**31))
 def test_relaxed_returns_k_valid_distinct_items(req, gen_seed):

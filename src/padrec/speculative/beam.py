@@ -45,7 +45,7 @@ import torch
 
 from padrec import PadrecError
 from padrec.decoding.autoregressive import _check_prompt
-from padrec.decoding.beam import _exclusion, beam_rank_key, expansion_scores, select_top_k
+from padrec.decoding.beam import _exclusion, beam_rank_key, beam_search_items, expansion_scores, select_top_k
 from padrec.decoding.trie import ItemTrie, ListConstraint
 from padrec.drafts.base import Draft
 from padrec.speculative.beam_state import DraftBeamTree, Prefix, TargetBeamTree
@@ -105,6 +105,11 @@ class _Search:
         self.target, self.draft = target, draft
         self.vocab = vocab
         self.generator = generator
+        # Set when the target's own top-K choice at some level is within float rounding of flipping (see
+        # `near_tie_tolerance`): the speculative forwards score the same nodes with other shapes than plain beam
+        # search, so only plain beam search itself can say which way such a tie goes.
+        self.near_tie = False
+        self.tie_tol = 0.0  # set by speculative_beam_search from the target's dtype
 
     def allowed(self, beams: Sequence[Beam]):
         return [self.cons.children_allowed(b.node) for b in beams]
@@ -163,11 +168,31 @@ class _Search:
                 rows = self.rows(beams, allowed, self.target.logits)
                 if rows is None:
                     break
-                picked = select_top_k(self.expand(beams, rows, allowed), [b.seq for b in beams], self.vocab, K)
+                cands = self.expand(beams, rows, allowed)
+                self.near_tie = self.near_tie or _near_tie(cands, K, self.tie_tol)
+                picked = select_top_k(cands, [b.seq for b in beams], self.vocab, K)
                 beams = self.picked_beams(beams, picked)
             level += 1
             reached[level] = beams
         return beams, level
+
+
+def near_tie_tolerance(model) -> float:
+    """Largest score difference that rounding can flip between two forwards of different shapes: float32 logits
+    of the same prefix differ by ~1e-6 between a batched tree forward and plain beam search's (observed gaps of
+    flipped pairs: 4e-7 to 6.6e-6), half precision by far more."""
+    dtype = next(model.parameters()).dtype
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 5e-2)
+
+
+def _near_tie(cands: torch.Tensor, k: int, tol: float) -> bool:
+    """Whether the order of the best k candidates, or the boundary between the k-th and the next, rests on a score
+    gap below `tol`."""
+    n = min(k + 1, int(torch.isfinite(cands).sum()))
+    if n < 2:
+        return False
+    top = torch.topk(cands, n).values
+    return bool(((top[:-1] - top[1:]) < tol).any())
 
 
 def _drop_forced_tail(search: _Search, levels: list[list[Beam]]) -> list[list[Beam]]:
@@ -191,7 +216,8 @@ def speculative_beam_search(
     generator: torch.Generator | None = None,
 ) -> SpecBeamResult:
     """Top-`cfg.beam_size` next items of one prompt. Strict verification returns exactly
-    `beam_search_items(target, prompt, trie, K, K, exclude_items)` (items, order and scores) for any draft."""
+    `beam_search_items(target, prompt, trie, K, K, exclude_items)` (items, order and scores) for any draft; when
+    one of the target's choices is a near-tie at float precision, that answer is plain beam search's own."""
     from padrec.speculative.beam_relaxed import draft_levels_relaxed, walk_relaxed
 
     cfg = BeamSpecConfig() if cfg is None else cfg
@@ -203,6 +229,7 @@ def speculative_beam_search(
     strict = cfg.verify == "strict"
     tt, dt = TargetBeamTree(target), DraftBeamTree(draft)
     search = _Search(trie, cons, cfg, tt, dt, draft.vocab_size, generator)
+    search.tie_tol = near_tie_tolerance(target)
 
     def free_walk(beams, level):  # as far as the logits at hand allow, no drafted levels
         if strict:
@@ -273,6 +300,10 @@ def speculative_beam_search(
     if not strict:  # sampled beams come in acceptance order: rank them like every beam search
         beams = sorted(beams, key=lambda b: beam_rank_key(b.score, b.seq))
     top = beams[: cfg.beam_size]
+    fallback_calls = 0
+    if strict and search.near_tie:  # rare (float32: ~1e-4 score gaps); keeps "strict == plain" exact
+        plain = beam_search_items(target, prompt, trie, cfg.beam_size, cfg.beam_size, exclude_items)
+        fallback_calls = plain.model_calls
     elapsed = time.perf_counter() - t_start
     rounds = len(accepted_per_round)
     stats = dict(
@@ -286,7 +317,12 @@ def speculative_beam_search(
         total_time_s=elapsed,
         draft_time_share=draft_time / elapsed if elapsed > 0 else 0.0,
         resampled=resampled,
+        near_tie_fallback=bool(fallback_calls),
     )
+    if fallback_calls:
+        return SpecBeamResult(items=list(plain.items), scores=list(plain.scores),
+                              target_calls=tt.forwards + fallback_calls, draft_calls=dt.calls, stats=stats,
+                              trace=trace)
     return SpecBeamResult(
         items=[trie.leaf_item[b.node] for b in top],
         scores=[b.score for b in top],
