@@ -15,3 +15,51 @@ def perturb(model, seed: int, scale: float = 0.3):
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model.eval()
+
+
+class FeatureRecordingDraft:
+    """The target as a draft that declares `uses_target_features` (the EAGLE-family path: the target goes first and
+    hands its features to commit). It records every committed (tokens, features) pair in `log`, runs `check` on
+    them if given, and asserts that a node's parent comes from an earlier propose call (as EAGLE needs: the
+    parent's predicted feature must exist)."""
+
+    uses_target_features = True
+    name = "feature-recorder"
+
+    def __init__(self, model, check=None):
+        from padrec.speculative import ModelDraft
+
+        self.inner = ModelDraft(model)
+        self.check = check
+        self.log: list[tuple[list[int], torch.Tensor]] = []
+
+    def new_session(self):
+        from padrec.drafts.base import DraftSession
+
+        inner, log, check = self.inner.new_session(), self.log, self.check
+
+        class _Session(DraftSession):
+            n_spec = 0
+
+            def commit(self, tokens, features):
+                assert features is not None and features.shape[0] == len(tokens)
+                log.append((list(tokens), features.clone()))
+                if check is not None:
+                    check(tokens, features)
+                self.n_spec = 0
+                return inner.commit(tokens, None)
+
+            def propose(self, parents, tokens, depths):
+                assert all(p < self.n_spec for p in parents)
+                self.n_spec += len(tokens)
+                return inner.propose(parents, tokens, depths)
+
+            def rollback(self):
+                self.n_spec = 0
+                inner.rollback()
+
+        return _Session()
+
+    @property
+    def vocab_size(self):
+        return self.inner.vocab_size

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import FeatureRecordingDraft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -64,41 +65,15 @@ class RandomDraft(Draft):
         return self._vocab
 
 
-class FeatureTargetDraft(Draft):
-    """The target as a draft that declares `uses_target_features` (the EAGLE-family path: the target goes first),
-    checking the feature convention and that a node's parent always comes from an earlier propose call."""
+def feature_target_draft(model):
+    """The target as an EAGLE-family draft (the target goes first), checking the feature convention on commit."""
 
-    uses_target_features = True
+    def check(tokens, features):
+        with torch.inference_mode():
+            hidden = model.get_decoder()(input_ids=torch.tensor([list(tokens)])).last_hidden_state[0]
+        assert torch.allclose(features[1:], hidden[:-1], atol=1e-9) and not features[0].any()
 
-    def __init__(self, model):
-        self.model, self.inner = model, ModelDraft(model)
-
-    def new_session(self):
-        inner, model = self.inner.new_session(), self.model
-
-        class _S(DraftSession):
-            n_spec = 0
-
-            def commit(self, tokens, features):
-                with torch.inference_mode():
-                    hidden = model.get_decoder()(input_ids=torch.tensor([list(tokens)])).last_hidden_state[0]
-                assert torch.allclose(features[1:], hidden[:-1], atol=1e-9) and not features[0].any()
-                return inner.commit(tokens, None)
-
-            def propose(self, parents, tokens, depths):
-                assert all(p < self.n_spec for p in parents)
-                self.n_spec += len(tokens)
-                return inner.propose(parents, tokens, depths)
-
-            def rollback(self):
-                self.n_spec = 0
-                inner.rollback()
-
-        return _S()
-
-    @property
-    def vocab_size(self):
-        return self.inner.vocab_size
+    return FeatureRecordingDraft(model, check)
 
 
 def make_drafts(vocab: int, target) -> dict[str, Draft]:
@@ -106,7 +81,7 @@ def make_drafts(vocab: int, target) -> dict[str, Draft]:
     eagle = EagleDraftModel.from_target(target, seed=3).to(torch.float64)
     return {
         "target": ModelDraft(target),
-        "features": FeatureTargetDraft(target),
+        "features": feature_target_draft(target),
         "small-lm": ModelDraft(tiny_model(vocab, 11, hidden=16, layers=1)),
         "random": RandomDraft(vocab),
         "eagle-random": EagleDraft(eagle),
@@ -168,13 +143,18 @@ def test_strict_equals_plain_beam_search(req):
                 assert all(trie.node_of(seq) is not None for seq in lv)
 
 
-def test_perfect_draft_needs_one_forward():
-    """With L = 4 and gamma = 3 the target-as-draft certifies all four levels in one forward, for every K <= N."""
+def four_level_catalogue(seed: int):
+    """Up to 60 random items with 4 levels (4x4x3x2 codes): deep enough for γ = 3 drafted levels."""
     sizes = (4, 4, 3, 2)
     vocab = SIDVocab(sizes, "per_level")
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     codes = sorted({tuple(int(torch.randint(0, s, (1,), generator=gen)) for s in sizes) for _ in range(60)})
-    items = [vocab.item_tokens(c) for c in codes]
+    return vocab, [vocab.item_tokens(c) for c in codes]
+
+
+def test_perfect_draft_needs_one_forward():
+    """With L = 4 and gamma = 3 the target-as-draft certifies all four levels in one forward, for every K <= N."""
+    vocab, items = four_level_catalogue(seed=0)
     target = tiny_model(vocab.size, 5)
     trie = ItemTrie(items)
     prompt = make_prompt(items, [0, 3, 7])
@@ -196,11 +176,7 @@ def test_near_ties_defer_to_plain_beam_search(monkeypatch):
     assert sb._near_tie(torch.tensor([-1.0, -1.00001, -3.0, float("-inf")]), 1, 1e-4)  # gap at the top-1 boundary
     assert not sb._near_tie(torch.tensor([-1.0, -1.5, -3.0, float("-inf")]), 2, 1e-4)
     assert not sb._near_tie(torch.tensor([-1.0, float("-inf")]), 1, 1e-4)  # one finite candidate: nothing to flip
-    sizes = (4, 4, 3, 2)
-    vocab = SIDVocab(sizes, "per_level")
-    gen = torch.Generator().manual_seed(1)
-    codes = sorted({tuple(int(torch.randint(0, s, (1,), generator=gen)) for s in sizes) for _ in range(60)})
-    items = [vocab.item_tokens(c) for c in codes]
+    vocab, items = four_level_catalogue(seed=1)
     target = tiny_model(vocab.size, 6)
     trie = ItemTrie(items)
     prompt = make_prompt(items, [1, 2])

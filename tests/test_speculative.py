@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import FeatureRecordingDraft, perturb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -92,46 +92,6 @@ class RandomLogitsDraft(Draft):
     @property
     def vocab_size(self):
         return self._vocab
-
-
-class FeatureRecordingDraft(Draft):
-    """The target-as-draft, but declaring `uses_target_features`: exercises the deferred-commit path and records
-    every committed (token, feature) pair so the test can check the feature convention."""
-
-    uses_target_features = True
-    name = "feature-recorder"
-
-    def __init__(self, model):
-        self.inner = ModelDraft(model)
-        self.log: list[tuple[list[int], torch.Tensor]] = []
-
-    def new_session(self):
-        inner, log = self.inner.new_session(), self.log
-
-        class _S(DraftSession):
-            n_spec = 0
-
-            def commit(self, tokens, features):
-                assert features is not None and features.shape[0] == len(tokens)
-                log.append((list(tokens), features.clone()))
-                self.n_spec = 0
-                return inner.commit(tokens, None)
-
-            def propose(self, parents, tokens, depths):
-                # like EAGLE: a node's parent must come from an earlier call (its predicted feature is needed)
-                assert all(p < self.n_spec for p in parents)
-                self.n_spec += len(tokens)
-                return inner.propose(parents, tokens, depths)
-
-            def rollback(self):
-                self.n_spec = 0
-                inner.rollback()
-
-        return _S()
-
-    @property
-    def vocab_size(self):
-        return self.inner.vocab_size
 
 
 @functools.lru_cache(maxsize=32)
