@@ -63,3 +63,35 @@ class FeatureRecordingDraft:
     @property
     def vocab_size(self):
         return self.inner.vocab_size
+
+
+class RandomLogitsDraft:
+    """A draft that knows nothing: seeded random logits for every commit and node. Speculative decoding with it
+    must still give the target's output (only slower)."""
+
+    name = "random-logits"
+    uses_target_features = False
+
+    def __init__(self, vocab: int, seed: int = 0):
+        self._vocab, self.seed = vocab, seed
+
+    def new_session(self):
+        from padrec.drafts.base import DraftSession
+
+        vocab, gen = self._vocab, torch.Generator().manual_seed(self.seed)
+
+        class _Session(DraftSession):
+            def commit(self, tokens, features):
+                return 2 * torch.randn(vocab, generator=gen)
+
+            def propose(self, parents, tokens, depths):
+                return 2 * torch.randn(len(tokens), vocab, generator=gen)
+
+            def rollback(self):
+                pass
+
+        return _Session()
+
+    @property
+    def vocab_size(self):
+        return self._vocab

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import FeatureRecordingDraft
+from helpers import FeatureRecordingDraft, RandomLogitsDraft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from padrec import PadrecError
 from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
-from padrec.drafts.base import Draft, DraftSession
+from padrec.drafts.base import Draft
 from padrec.drafts.eagle import EagleDraft, EagleDraftModel
 from padrec.speculative import ModelDraft
 from padrec.speculative.beam import BeamSpecConfig, speculative_beam_search
@@ -37,32 +37,6 @@ def tiny_model(vocab_size: int, seed: int, hidden: int = 32, layers: int = 2):
                       num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
                       initializer_range=0.2, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).eval().to(torch.float64)
-
-
-class RandomSession(DraftSession):
-    def __init__(self, vocab: int, seed: int):
-        self.vocab, self.gen = vocab, torch.Generator().manual_seed(seed)
-
-    def commit(self, tokens, features):
-        return 2 * torch.randn(self.vocab, generator=self.gen)
-
-    def propose(self, parents, tokens, depths):
-        return 2 * torch.randn(len(tokens), self.vocab, generator=self.gen)
-
-    def rollback(self):
-        pass
-
-
-class RandomDraft(Draft):
-    def __init__(self, vocab: int):
-        self._vocab = vocab
-
-    def new_session(self):
-        return RandomSession(self._vocab, 0)
-
-    @property
-    def vocab_size(self):
-        return self._vocab
 
 
 def feature_target_draft(model):
@@ -83,7 +57,7 @@ def make_drafts(vocab: int, target) -> dict[str, Draft]:
         "target": ModelDraft(target),
         "features": feature_target_draft(target),
         "small-lm": ModelDraft(tiny_model(vocab, 11, hidden=16, layers=1)),
-        "random": RandomDraft(vocab),
+        "random": RandomLogitsDraft(vocab),
         "eagle-random": EagleDraft(eagle),
     }
 
@@ -249,7 +223,7 @@ def test_config_and_draft_errors():
     with pytest.raises(PadrecError):
         BeamSpecConfig(verify="relaxed", temperature=0.0)
     with pytest.raises(PadrecError):
-        speculative_beam_search(target, RandomDraft(vocab.size + 1), [BOS], ItemTrie(items))
+        speculative_beam_search(target, RandomLogitsDraft(vocab.size + 1), [BOS], ItemTrie(items))
     # a fully forced search (one live item) makes no model call at all
     res = speculative_beam_search(target, ModelDraft(target), [BOS], ItemTrie(items),
                                   BeamSpecConfig(beam_size=2, draft_beams=2), exclude_items=[0, 1, 2])

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import FeatureRecordingDraft, perturb
+from helpers import FeatureRecordingDraft, RandomLogitsDraft, perturb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -21,7 +21,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from padrec import PadrecError
 from padrec.decoding.autoregressive import GenerationConfig, apply_logits_processing, generate_list, make_constraint
 from padrec.decoding.trie import ItemTrie
-from padrec.drafts.base import Draft, DraftSession
 from padrec.speculative import (
     DraftTree,
     ModelDraft,
@@ -65,35 +64,6 @@ def full_forward(model, tokens):
 # ------------------------------------------------------------------------------------------------------------
 # test drafts
 # ------------------------------------------------------------------------------------------------------------
-class RandomLogitsSession(DraftSession):
-    def __init__(self, vocab: int, seed: int):
-        self.vocab = vocab
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def commit(self, tokens, features):
-        return 2 * torch.randn(self.vocab, generator=self.gen)
-
-    def propose(self, parents, tokens, depths):
-        return 2 * torch.randn(len(tokens), self.vocab, generator=self.gen)
-
-    def rollback(self):
-        pass
-
-
-class RandomLogitsDraft(Draft):
-    name = "random-logits"
-
-    def __init__(self, vocab: int, seed: int = 0):
-        self._vocab, self.seed = vocab, seed
-
-    def new_session(self):
-        return RandomLogitsSession(self._vocab, self.seed)
-
-    @property
-    def vocab_size(self):
-        return self._vocab
-
-
 @functools.lru_cache(maxsize=32)
 def feature_draft(target, levels: int | None):
     """A random-weight EAGLE head (levels None) or PAD-Rec head with every part on, in float64."""
