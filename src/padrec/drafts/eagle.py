@@ -187,29 +187,64 @@ class EagleDraftModel(nn.Module):
                           use_cache=cache is not None, position_embeddings=pos_emb)
 
 
-def _start_commit(session, tokens: Sequence[int], features) -> int:
-    """What every EAGLE session does first on commit(): drop speculative nodes, check the arguments. Returns the
-    number of tokens (0: nothing to add, the last logits stand)."""
-    if session._spec_feat:
-        session.rollback()
-    if len(tokens) == 0 and session.last_logits is None:
-        raise ValueError("commit() needs at least one token on an empty session")
-    if len(tokens) and features is None:
-        raise ValueError("the EAGLE draft needs the target's features for committed tokens")
-    return len(tokens)
+class _SessionState(DraftSession):
+    """What both EAGLE sessions keep besides their KV cache: the committed context's length, the draft's feature
+    and logits after its last token, and per speculative node its predicted feature, ancestors-or-self, depth and
+    SID run length (for PAD-Rec's slots, `drafts/slots.py`). Also their shared argument checks."""
 
+    def __init__(self, model: EagleDraftModel):
+        self.model = model
+        self.n_committed = 0
+        self.last_feature: torch.Tensor | None = None  # f̂ after the last committed token
+        self.last_logits: torch.Tensor | None = None
+        self._spec_feat: list[torch.Tensor] = []  # predicted feature of each speculative node
+        self._spec_anc: list[list[int]] = []  # speculative ancestors of each node, itself included
+        self._spec_depth: list[int] = []
+        self.last_run = 0  # run length of SID tokens ending at the last committed token
+        self._spec_run: list[int] = []  # ... and at each speculative node
 
-def _check_parent(session, base: int, node: int, parent: int, depth: int) -> None:
-    """A node hangs below the last committed token at depth 1, or below a node of an earlier propose() call
-    (`base` nodes exist) one level deeper: its parent's predicted feature must already exist."""
-    if parent == -1:
-        if depth != 1:
-            raise ValueError(f"node {node}: a child of the last committed token has depth 1, not {depth}")
-        return
-    if not 0 <= parent < base:
-        raise ValueError(f"node {node}: parent {parent} must be a node of an earlier propose() call (0..{base - 1})")
-    if depth != session._spec_depth[parent] + 1:
-        raise ValueError(f"node {node}: depth {depth} but its parent {parent} has depth {session._spec_depth[parent]}")
+    @property
+    def num_speculative(self) -> int:
+        return len(self._spec_feat)
+
+    def _start_commit(self, tokens: Sequence[int], features) -> int:
+        """Drop speculative nodes, check the arguments. Returns the number of tokens (0: nothing to add, the last
+        logits stand)."""
+        if self._spec_feat:
+            self.rollback()
+        if len(tokens) == 0 and self.last_logits is None:
+            raise ValueError("commit() needs at least one token on an empty session")
+        if len(tokens) and features is None:
+            raise ValueError("the EAGLE draft needs the target's features for committed tokens")
+        return len(tokens)
+
+    def _commit_slots(self, tokens: Sequence[int]) -> list[int]:
+        """Slots of committed tokens, advancing the committed run length."""
+        slots, run = [], self.last_run
+        for t in tokens:
+            run = next_run(run, int(t))
+            slots.append(slot_of(run, int(t), self.model.levels))
+        self.last_run = run
+        return slots
+
+    def _check_parent(self, base: int, node: int, parent: int, depth: int) -> None:
+        """A node hangs below the last committed token at depth 1, or below a node of an earlier propose() call
+        (`base` nodes exist) one level deeper: its parent's predicted feature must already exist."""
+        if parent == -1:
+            if depth != 1:
+                raise ValueError(f"node {node}: a child of the last committed token has depth 1, not {depth}")
+            return
+        if not 0 <= parent < base:
+            raise ValueError(f"node {node}: parent {parent} must be a node of an earlier propose() call "
+                             f"(0..{base - 1})")
+        if depth != self._spec_depth[parent] + 1:
+            raise ValueError(f"node {node}: depth {depth} but its parent {parent} has depth {self._spec_depth[parent]}")
+
+    def _clear_speculative(self) -> None:
+        self._spec_feat.clear()
+        self._spec_anc.clear()
+        self._spec_depth.clear()
+        self._spec_run.clear()
 
 
 def _crop_cache(cache: DynamicCache, keep: int) -> None:
@@ -218,32 +253,19 @@ def _crop_cache(cache: DynamicCache, keep: int) -> None:
         cache.crop(keep - cur)  # a negative count removes that many tokens (all transformers versions)
 
 
-class ReferenceEagleSession(DraftSession):
+class ReferenceEagleSession(_SessionState):
     """One request through the Hugging Face modules (`EagleDraftModel.forward`, a DynamicCache): the layer's KV
     cache over the committed context, then speculative tree nodes. `EagleSession` computes the same function on the
     fused path; this one is what it is checked against, and the fallback for a layer the fused path does not cover.
     """
 
     def __init__(self, model: EagleDraftModel):
-        self.model = model
+        super().__init__(model)
         self.cache = DynamicCache()
-        self.n_committed = 0
-        self.last_feature: torch.Tensor | None = None  # f̂ after the last committed token
-        self.last_logits: torch.Tensor | None = None
-        self._spec_feat: list[torch.Tensor] = []  # predicted feature of each speculative node
-        self._spec_anc: list[list[int]] = []  # speculative ancestors of each node, itself included
-        self._spec_depth: list[int] = []
-        # run length of SID tokens ending at the last committed token / at each speculative node (drafts/slots.py)
-        self.last_run = 0
-        self._spec_run: list[int] = []
-
-    @property
-    def num_speculative(self) -> int:
-        return len(self._spec_feat)
 
     @torch.inference_mode()
     def commit(self, tokens: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
-        n = _start_commit(self, tokens, features)
+        n = self._start_commit(tokens, features)
         if n == 0:
             return self.last_logits
         d, dtype, dev = self.model.cfg.hidden_size, self.model.fc.weight.dtype, self.model.fc.weight.device
@@ -255,11 +277,7 @@ class ReferenceEagleSession(DraftSession):
         mask = causal_mask(None, n, self.n_committed, dtype=dtype, device=dev)
         slots = None
         if self.model.needs_slots:
-            slot_list = []
-            for t in tokens:
-                self.last_run = next_run(self.last_run, int(t))
-                slot_list.append(slot_of(self.last_run, int(t), self.model.levels))
-            slots = torch.as_tensor(slot_list, dtype=torch.long, device=dev)[None]
+            slots = torch.as_tensor(self._commit_slots(tokens), dtype=torch.long, device=dev)[None]
         out = self.model(ids, feats[None], attention_mask=mask, position_ids=pos, cache=self.cache,
                          depths=torch.zeros(1, n, dtype=torch.long, device=dev), slots=slots)
         self.n_committed += n
@@ -280,7 +298,7 @@ class ReferenceEagleSession(DraftSession):
         feats, ancs, runs = [], [], []
         for j, (p, dep) in enumerate(zip(parents, depths)):
             p, dep = int(p), int(dep)
-            _check_parent(self, base, base + j, p, dep)
+            self._check_parent(base, base + j, p, dep)
             if p == -1:
                 feats.append(self.last_feature)
                 ancs.append([base + j])
@@ -314,10 +332,7 @@ class ReferenceEagleSession(DraftSession):
 
     def rollback(self) -> None:
         _crop_cache(self.cache, self.n_committed)
-        self._spec_feat.clear()
-        self._spec_anc.clear()
-        self._spec_depth.clear()
-        self._spec_run.clear()
+        self._clear_speculative()
 
 
 def _in_inference_mode(fn):
@@ -334,7 +349,7 @@ def _in_inference_mode(fn):
     return wrapper
 
 
-class EagleSession(DraftSession):
+class EagleSession(_SessionState):
     """One request on the fused inference path (`padrec.drafts.fast_layer`): the same function as
     `ReferenceEagleSession` computed with plain torch ops on the model's weights.
 
@@ -347,7 +362,7 @@ class EagleSession(DraftSession):
     """
 
     def __init__(self, model: EagleDraftModel):
-        self.model = model
+        super().__init__(model)
         self.w = w = fast_weights(model)
         self.cache = KVBuffer(w.kv_heads, w.head_dim, w.dtype, w.device)
         self._extra = type(model).extra is not EagleDraftModel.extra
@@ -356,20 +371,7 @@ class EagleSession(DraftSession):
         self._needs_slots = bool(model.needs_slots)
         self._levels = model.levels if self._needs_slots else 0
         self._neg = torch.finfo(w.dtype).min
-        self.n_committed = 0
-        self.last_feature: torch.Tensor | None = None  # f̂ after the last committed token
-        self.last_logits: torch.Tensor | None = None
-        self._spec_feat: list[torch.Tensor] = []  # predicted feature of each speculative node
-        self._spec_anc: list[list[int]] = []  # speculative ancestors of each node, itself included
-        self._spec_depth: list[int] = []
         self._spec_chain: list[bool] = []  # ancestors-or-self == every node up to itself: no mask needed
-        # run length of SID tokens ending at the last committed token / at each speculative node (drafts/slots.py)
-        self.last_run = 0
-        self._spec_run: list[int] = []
-
-    @property
-    def num_speculative(self) -> int:
-        return len(self._spec_feat)
 
     def _long(self, values: list[int]) -> torch.Tensor:
         """[1, n] LongTensor of `values`."""
@@ -393,7 +395,7 @@ class EagleSession(DraftSession):
 
     @_in_inference_mode
     def commit(self, tokens: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
-        n = _start_commit(self, tokens, features)
+        n = self._start_commit(tokens, features)
         if n == 0:
             return self.last_logits
         w = self.w
@@ -403,13 +405,7 @@ class EagleSession(DraftSession):
         C = self.n_committed
         # nothing precedes the first token (BOS): its feature is zeroed, as in training
         h = w.fuse(self._token_rows(toks), feats, zero_first_feature=C == 0)
-        slots = None
-        if self._needs_slots:
-            slots, run = [], self.last_run
-            for t in toks:
-                run = next_run(run, t)
-                slots.append(slot_of(run, t, self._levels))
-            self.last_run = run
+        slots = self._commit_slots(toks) if self._needs_slots else None
         if self._session_extra is not None:
             h = self._session_extra(h, slots, [0] * n)
         elif self._extra:
@@ -459,7 +455,7 @@ class EagleSession(DraftSession):
         track_runs = self._needs_slots
         for j, (p, dep) in enumerate(zip(parents, deps)):
             p = int(p)
-            _check_parent(self, base, base + j, p, dep)
+            self._check_parent(base, base + j, p, dep)
             if p == -1:
                 feats.append(self.last_feature)
                 ancs.append([base + j])
@@ -509,11 +505,8 @@ class EagleSession(DraftSession):
 
     def rollback(self) -> None:
         self.cache.truncate(self.n_committed)
-        self._spec_feat.clear()
-        self._spec_anc.clear()
-        self._spec_depth.clear()
+        self._clear_speculative()
         self._spec_chain.clear()
-        self._spec_run.clear()
 
 
 class EagleDraft(Draft):
