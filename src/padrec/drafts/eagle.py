@@ -218,6 +218,15 @@ class _SessionState(DraftSession):
             raise ValueError("the EAGLE draft needs the target's features for committed tokens")
         return len(tokens)
 
+    def _start_propose(self, parents: Sequence[int], tokens: Sequence[int], depths: Sequence[int]) -> int:
+        """Check propose()'s arguments; returns the number of nodes."""
+        k = len(tokens)
+        if not (len(parents) == k == len(depths)):
+            raise ValueError("parents, tokens and depths must have the same length")
+        if self.last_feature is None:
+            raise ValueError("propose() before any commit()")
+        return k
+
     def _commit_slots(self, tokens: Sequence[int]) -> list[int]:
         """Slots of committed tokens, advancing the committed run length."""
         slots, run = [], self.last_run
@@ -287,11 +296,7 @@ class ReferenceEagleSession(_SessionState):
 
     @torch.inference_mode()
     def propose(self, parents: Sequence[int], tokens: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
-        k = len(tokens)
-        if not (len(parents) == k == len(depths)):
-            raise ValueError("parents, tokens and depths must have the same length")
-        if self.last_feature is None:
-            raise ValueError("propose() before any commit()")
+        k = self._start_propose(parents, tokens, depths)
         if k == 0:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.model.fc.weight.device)
         base = len(self._spec_feat)
@@ -440,11 +445,7 @@ class EagleSession(_SessionState):
 
     @_in_inference_mode
     def propose(self, parents: Sequence[int], tokens: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
-        k = len(tokens)
-        if not (len(parents) == k == len(depths)):
-            raise ValueError("parents, tokens and depths must have the same length")
-        if self.last_feature is None:
-            raise ValueError("propose() before any commit()")
+        k = self._start_propose(parents, tokens, depths)
         w = self.w
         if k == 0:
             return torch.empty(0, w.vocab_size, device=w.device)
