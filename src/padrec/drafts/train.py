@@ -166,8 +166,8 @@ def soft_ce(d_logits: torch.Tensor, t_logits: torch.Tensor, topk: int = 0) -> to
     tokens (HASS: the tokens a tree can actually draft)."""
     p = t_logits.softmax(-1)
     if topk > 0:
-        p = torch.zeros_like(p).scatter(-1, p.topk(min(topk, p.shape[-1]), dim=-1).indices,
-                                        p.topk(min(topk, p.shape[-1]), dim=-1).values)
+        top = p.topk(min(topk, p.shape[-1]), dim=-1)
+        p = torch.zeros_like(p).scatter(-1, top.indices, top.values)
     return -(p * d_logits.log_softmax(-1)).sum(-1).mean()
 
 

@@ -12,6 +12,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -20,9 +21,11 @@ from padrec import PadrecError
 from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.metrics import ranking_metrics
+from padrec.pipeline import machine_description
 from padrec.run import Run
 from padrec.speculative.decoder import SpecConfig, speculative_generate
 from padrec.speculative.tree import TreeConfig
+from padrec.tokenizer.semantic_ids import atomic_write_text
 
 
 @dataclass
@@ -155,17 +158,12 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
 
 def load_run_results(out) -> dict:
     """The per-run results already in a benchmark JSON (so runs can be added one invocation at a time)."""
-    from pathlib import Path
-
     out = Path(out)
     return json.loads(out.read_text())["runs"] if out.is_file() else {}
 
 
 def save_run_results(out, script: str, argv: list[str], runs: dict) -> None:
     """Write a benchmark JSON: the command that produced it, the machine and commit, and the per-run results."""
-    from padrec.pipeline import machine_description
-    from padrec.tokenizer.semantic_ids import atomic_write_text
-
     atomic_write_text(out, json.dumps({"command": " ".join([script, *argv]), "machine": machine_description(),
                                        "runs": runs}, indent=2))
 
