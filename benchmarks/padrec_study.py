@@ -73,9 +73,8 @@ def ensure_drafts(run: Run, names: list[str], base: DraftTrainConfig) -> dict[st
     for name in names:
         cfg = replace(base, name=f"st-{name}", **{**FAMILIES, **ABLATIONS}[name])
         path = draft_dir(run, cfg.draft_name)
-        if cfg.draft_name in list_drafts(run) and same_settings(read_draft_meta(path).get("config", {}), cfg):
-            meta = read_draft_meta(path)
-        else:
+        meta = read_draft_meta(path) if cfg.draft_name in list_drafts(run) else None
+        if meta is None or not same_settings(meta.get("config", {}), cfg):
             console.print(f"[bold]{run.path}: training draft {name}[/bold]")
             last = last_dir(run, cfg.draft_name)
             resume = (last / "draft.json").is_file() and read_draft_meta(last).get("config") == asdict(cfg)
