@@ -46,7 +46,9 @@ class Recommender:
             raise PadrecError(f"unknown item id(s) for dataset {self.run.info.dataset!r}: {shown}")
         return out
 
-    def recommend_dense(self, history: list[int], cfg: RankConfig) -> tuple[list[int], list[float] | None]:
+    def recommend_dense(self, history: list[int], cfg: RankConfig,
+                        generator: torch.Generator | None = None) -> tuple[list[int], list[float] | None]:
+        """Beam mode: items and scores; list mode: items (sampled from `generator` when `cfg.do_sample`)."""
         if cfg.list_length > self.trie.num_items:
             raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
         prompt = self.run.prompt(history)
@@ -55,7 +57,8 @@ class Recommender:
                 res = beam_search_items(self.model, prompt, self.trie, cfg.beam_size, cfg.beam_size,
                                         history if cfg.exclude_history else ())
                 return res.items, res.scores
-            res = generate_list(self.model, prompt, self.trie, cfg.generation_config(), history=history)
+            res = generate_list(self.model, prompt, self.trie, cfg.generation_config(), generator=generator,
+                                history=history)
             return res.items, None
 
     def draft(self, name: str):
@@ -65,7 +68,8 @@ class Recommender:
             self._drafts[name] = load_draft(self.run, name)
         return self._drafts[name]
 
-    def recommend_speculative(self, history: list[int], cfg: RankConfig, draft: str, spec=None) -> tuple[list[int], float]:
+    def recommend_speculative(self, history: list[int], cfg: RankConfig, draft: str, spec=None,
+                              generator: torch.Generator | None = None) -> tuple[list[int], float]:
         """List mode through speculative decoding: the same list as `recommend_dense` (greedy: token for token),
         plus τ, the tokens committed per target forward."""
         from padrec.speculative.decoder import speculative_generate
@@ -74,7 +78,7 @@ class Recommender:
         loaded = self.draft(draft)  # loaded outside inference mode: its weights stay ordinary tensors
         with torch.inference_mode():
             res = speculative_generate(self.model, loaded, prompt, self.trie, cfg.generation_config(), spec,
-                                       history=history)
+                                       generator=generator, history=history)
         return res.items, res.stats["tau"]
 
     def recommend(self, raw_history, k: int = 10, mode: str = "beam", **kw) -> list[dict]:

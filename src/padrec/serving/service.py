@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from padrec import PadrecError
-from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_batch
-from padrec.decoding.beam import beam_search_items, beam_search_items_batch
+from padrec.decoding.autoregressive import generate_list_batch
+from padrec.decoding.beam import beam_search_items_batch
+from padrec.evaluation.evaluate import RankConfig
 from padrec.drafts.registry import list_drafts
 from padrec.serving.batching import Job, ModelWorker, ShuttingDown
 from padrec.serving.schemas import InfoResponse, RecommendedItem, RecommendRequest, RecommendResponse, TargetInfo
@@ -149,7 +150,7 @@ class RecommendService:
         draft = None
         if req.decoder == "sd":
             if req.mode != "list":
-                raise RequestError(422, "decoder 'sd' works in list mode only (speculative beam search is not built): "
+                raise RequestError(422, "decoder 'sd' works in list mode only (speculative beam search is benchmarked, not served): "
                                         "use mode='list' or decoder='ar'")
             draft = req.draft or self.default_draft
             if draft is None:
@@ -188,10 +189,11 @@ class RecommendService:
     # ------------------------------------------------------------------------------------------------------
     # model work (worker thread only)
     # ------------------------------------------------------------------------------------------------------
-    def _gen_config(self, p: Prepared) -> GenerationConfig:
+    @staticmethod
+    def _rank_config(p: Prepared) -> RankConfig:
         sample = p.temperature > 0
-        return GenerationConfig(n_items=p.k, do_sample=sample, temperature=p.temperature if sample else 1.0,
-                                exclude_history=p.exclude_history)
+        return RankConfig(mode=p.mode, beam_size=p.k, n_items=p.k, do_sample=sample,
+                          temperature=p.temperature if sample else 1.0, exclude_history=p.exclude_history)
 
     def _draft(self, name: str):
         try:
@@ -200,23 +202,15 @@ class RecommendService:
             raise RequestError(503, f"draft {name!r} cannot be used: {e}") from None
 
     def _run_single(self, p: Prepared) -> Outcome:
-        model, trie = self.rec.model, self.rec.trie
+        """One request through the same Recommender calls as the Python API."""
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-        # loaded outside inference mode: weights created inside it would be inference tensors, which code that
-        # caches derived weights (keyed on the parameters' version counters) cannot inspect
-        draft = self._draft(p.draft) if p.decoder == "sd" else None
-        with torch.inference_mode():
-            if p.mode == "beam":
-                res = beam_search_items(model, p.prompt, trie, p.k, p.k, p.history if p.exclude_history else ())
-                return Outcome(res.items, res.scores)
-            if p.decoder == "sd":
-                from padrec.speculative.decoder import speculative_generate
-
-                res = speculative_generate(model, draft, p.prompt, trie, self._gen_config(p),
-                                           generator=gen, history=p.history)
-                return Outcome(res.items, tau=res.stats["tau"])
-            res = generate_list(model, p.prompt, trie, self._gen_config(p), generator=gen, history=p.history)
-            return Outcome(res.items)
+        cfg = self._rank_config(p)
+        if p.decoder == "sd":
+            self._draft(p.draft)  # load failures become a 503 here; the Recommender keeps the loaded draft
+            items, tau = self.rec.recommend_speculative(list(p.history), cfg, p.draft, generator=gen)
+            return Outcome(items, tau=tau)
+        items, scores = self.rec.recommend_dense(list(p.history), cfg, generator=gen)
+        return Outcome(items, scores)
 
     def _run_batch(self, ps: list[Prepared]) -> list[Outcome]:
         first = ps[0]  # same batch_key: same mode, k and exclusion; greedy AR
@@ -226,7 +220,7 @@ class RecommendService:
                 excl = [p.history for p in ps] if first.exclude_history else None
                 res = beam_search_items_batch(self.rec.model, prompts, self.rec.trie, first.k, first.k, len(ps), excl)
                 return [Outcome(r.items, r.scores) for r in res]
-            res = generate_list_batch(self.rec.model, prompts, self.rec.trie, self._gen_config(first),
+            res = generate_list_batch(self.rec.model, prompts, self.rec.trie, self._rank_config(first).generation_config(),
                                       [p.history for p in ps], len(ps))
             return [Outcome(r.items) for r in res]
 
