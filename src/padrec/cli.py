@@ -220,18 +220,18 @@ def cmd_bench(a) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a.run)
-    drafts = {name: load_draft(run, name) for name in a.drafts.split(",") if name}
+    drafts = {name: load_draft(run, name, a.device) for name in a.drafts.split(",") if name}
     if a.mode == "beam":
         return _bench_beam(a, run, drafts)
     cfg = BenchConfig(users=a.users, warmup=a.warmup, n_items=a.n_items, trees=_tree_configs(a),
-                      naive_ar=not a.no_naive, hf_generate=not a.no_hf)
+                      naive_ar=not a.no_naive, hf_generate=not a.no_hf, device=a.device)
     result = run_bench(run, drafts, cfg)
     result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
     out = Path(a.out) if a.out else run.results_dir / "bench.json"
     atomic_write_text(out, json.dumps(result, indent=2))
     shown = display_rows(result["rows"])
     console.print(table(shown, title=f"{run.info.dataset}: batch-1 list-wise greedy, {cfg.n_items} items, "
-                                     f"{result['users']} users, {result['threads']} threads"))
+                                     f"{result['users']} users, {result['device']}, {result['threads']} threads"))
     png = plot_acceptance(result, out.with_suffix(".png"))
     console.print(f"written {out}" + (f" and {png}" if png else ""))
 
@@ -250,7 +250,7 @@ def _bench_beam(a, run, drafts) -> None:
         raise PadrecError("--mode beam needs --drafts NAME[,NAME] and --verify strict,relaxed (or one of them)")
     cfg = BeamBenchConfig(users=a.users, warmup=a.warmup, ks=ints(a.beam_k), draft_beams=ints(a.draft_beams),
                           gammas=ints(a.gamma), modes=modes,
-                          temperatures=[float(x) for x in a.relaxed_temperature.split(",") if x])
+                          temperatures=[float(x) for x in a.relaxed_temperature.split(",") if x], device=a.device)
     result = run_beam_bench(run, drafts, cfg)
     result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
     out = Path(a.out) if a.out else run.results_dir / "bench_beam.json"
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default=None, help="JSON path (default DIR/results/bench.json)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (target and drafts)")
     p.add_argument("--mode", default="list", choices=["list", "beam"],
                    help="list: list-wise greedy SD (the flags above); beam: speculative top-K beam search (below)")
     p.add_argument("--beam-k", default="10", help="beam: comma-separated K (beam width = list length)")

@@ -41,6 +41,13 @@ def machine_description() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "commit": commit}
 
 
+def device_name(device: str) -> str:
+    """'cpu', or e.g. 'cuda (NVIDIA H100 80GB HBM3)': benchmark JSON says which chip gave its timings."""
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def evaluate(run: Run, split: str, configs: list[RankConfig], limit: int | None = None, progress: bool = True,
              model=None) -> dict:
     from padrec.training import distributed as dist

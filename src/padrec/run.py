@@ -85,13 +85,13 @@ class Run:
         """Metadata a target checkpoint must carry to be used with this run."""
         return {"sid_fingerprint": self.info.sid_fingerprint, "vocab_size": self.sids.vocab.size}
 
-    def load_target(self):
+    def load_target(self, device: str | None = None):
         from padrec.models.checkpoint import load_checkpoint
 
         if not self.target_dir.exists():
             raise PadrecError(f"run {self.path} has no trained target yet; run `padrec train-target --run {self.path}`")
         model, _ = load_checkpoint(self.target_dir, expect=self.checkpoint_identity())
-        return model
+        return model if device is None else model.to(device)
 
     @property
     def results_dir(self) -> Path:

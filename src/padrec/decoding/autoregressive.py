@@ -167,7 +167,9 @@ def sample_from_logprobs(logprobs: torch.Tensor, generator: torch.Generator | No
     entries are never chosen."""
     probs = logprobs.exp()
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    # drawn where the generator lives (a CPU generator with a model on a GPU), so a seed gives the same numbers
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype,
+                   device=generator.device if generator is not None else cdf.device).to(cdf.device)
     idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
     return idx.clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 

@@ -165,9 +165,11 @@ def load_draft_model(run, name: str):
     return load_draft_weights(path, meta), meta
 
 
-def load_draft(run, name: str):
-    """A ready-to-use `Draft` for the run's target."""
+def load_draft(run, name: str, device: str | None = None):
+    """A ready-to-use `Draft` for the run's target (on `device`, default where it was loaded: the CPU)."""
     model, meta = load_draft_model(run, name)
+    if device is not None:
+        model = model.to(device)
     if meta["kind"] in FEATURE_KINDS:
         from padrec.drafts.eagle import EagleDraft
 

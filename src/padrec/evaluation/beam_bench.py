@@ -28,6 +28,7 @@ from padrec import PadrecError
 from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.metrics import ranking_metrics
+from padrec.pipeline import device_name
 from padrec.run import Run
 from padrec.speculative.beam import BeamSpecConfig, speculative_beam_search
 
@@ -46,6 +47,7 @@ class BeamBenchConfig:
     gammas: list[int] = field(default_factory=lambda: [3])
     modes: list[str] = field(default_factory=lambda: ["strict", "relaxed"])
     temperatures: list[float] = field(default_factory=lambda: [1.0])  # relaxed rows, one per temperature
+    device: str = "cpu"  # where the target runs (drafts are placed by the caller)
 
 
 def _configs(cfg: BeamBenchConfig, K: int) -> list[BeamSpecConfig]:
@@ -66,7 +68,7 @@ def run_beam_bench(run: Run, drafts: dict, cfg: BeamBenchConfig, progress: bool 
     """`drafts`: name -> Draft. One row per (K, decoder): τ (beam levels per target forward), target forwards,
     median latency, speedup vs plain, exact-match rate vs plain, Recall/NDCG@K, draft time share, acceptance
     rate by draft depth."""
-    model = run.load_target()
+    model = run.load_target(cfg.device)
     trie = ItemTrie(run.sids.all_item_tokens())
     cases = run.dataset.eval_cases(cfg.split, max_history=run.info.max_history)
     if not cases:
@@ -130,7 +132,7 @@ def run_beam_bench(run: Run, drafts: dict, cfg: BeamBenchConfig, progress: bool 
     return {"rows": rows, "users": len(cases), "warmup": cfg.warmup, "levels": L, "baseline": BASELINE,
             "tau_definition": "beam levels (L, forced ones included) per target forward, mean over users",
             "speedup_definition": "median over users of (plain time / speculative time), same user back to back",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": device_name(cfg.device)}
 
 
 def display_beam_rows(rows: list[dict]) -> list[dict]:

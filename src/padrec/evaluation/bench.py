@@ -21,7 +21,7 @@ from padrec import PadrecError
 from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.metrics import ranking_metrics
-from padrec.pipeline import machine_description
+from padrec.pipeline import device_name, machine_description
 from padrec.run import Run
 from padrec.speculative.decoder import SpecConfig, speculative_generate
 from padrec.speculative.tree import TreeConfig
@@ -38,6 +38,7 @@ class BenchConfig:
     trees: list[TreeConfig] = field(default_factory=lambda: [TreeConfig.chain(4), TreeConfig()])
     naive_ar: bool = True  # also time the reference AR decoder (a model call for every token, forced or not)
     hf_generate: bool = True  # also time HF `generate` with the same constraint
+    device: str = "cpu"  # where the target runs (drafts are placed by the caller)
 
 
 def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationConfig, history=None) -> list[int]:
@@ -57,7 +58,9 @@ def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationCo
         state["fed"] = len(gen)
         return list(cons.allowed()) if len(gen) < total else [0]
 
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, n_prompt, dtype=torch.long),
+    dev = model.device
+    out = model.generate(torch.tensor([prompt], device=dev),
+                         attention_mask=torch.ones(1, n_prompt, dtype=torch.long, device=dev),
                          max_new_tokens=total, min_new_tokens=total, do_sample=False, num_beams=1,
                          prefix_allowed_tokens_fn=allowed, pad_token_id=0, eos_token_id=None)
     return out[0, n_prompt:].tolist()
@@ -84,7 +87,7 @@ def display_rows(rows: list[dict]) -> list[dict]:
 def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -> dict:
     """`drafts`: name -> Draft. Returns one row per decoder (τ, median latency, speedup, equality with AR,
     Recall/NDCG@10, acceptance by depth and slot) and the run settings."""
-    model = run.load_target()
+    model = run.load_target(cfg.device)
     trie = ItemTrie(run.sids.all_item_tokens())
     cases = run.dataset.eval_cases(cfg.split, max_history=run.info.max_history)
     if not cases:
@@ -153,7 +156,8 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
         rows.append(row)
     return {"rows": rows, "users": len(ar_times), "warmup": cfg.warmup, "n_items": cfg.n_items,
             "speedup_definition": "median over users of (AR time / decoder time), same user back to back",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": device_name(cfg.device)}
+
 
 
 def load_run_results(out) -> dict:

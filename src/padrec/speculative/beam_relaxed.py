@@ -31,8 +31,8 @@ __all__ = ["draft_levels_relaxed", "walk_relaxed"]
 def _sample(logits: torch.Tensor, n: int, generator, exclude=()) -> list[int]:
     """n draws without replacement from softmax(logits) (fewer if fewer finite entries), by Gumbel top-k: the same
     law as drawing one at a time and renormalising, without underflow at low temperature."""
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
-    keys = logits.double() - torch.log(-torch.log(u))
+    u = torch.rand(tuple(logits.shape), generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+    keys = logits.detach().to("cpu", torch.float64) - torch.log(-torch.log(u))  # u is on the CPU generator's device
     if len(exclude):
         keys[list(exclude)] = float("-inf")
     n = min(n, int(torch.isfinite(keys).sum()))
