@@ -204,10 +204,10 @@ def test_fused_layout_follows_weight_updates():
 def test_rope_table_equals_the_rotary_module():
     model = _model("eagle")
     w = fast_weights(model)
-    first = w.cos.shape[0]
+    first = w.rope.cos.shape[0]
     pos = torch.tensor([0, 1, 17, first - 1, first, first + 5, 3 * first + 2])
     cos, sin = w.rope_at(pos)
-    assert w.cos.shape[0] > 3 * first + 2
+    assert w.rope.cos.shape[0] > 3 * first + 2
     ref_cos, ref_sin = model.rotary(torch.zeros(1, dtype=w.dtype), pos[None])
     half = w.head_dim // 2
     assert torch.equal(cos[:, 0], ref_cos[0])

@@ -422,7 +422,7 @@ class EagleSession(_SessionState):
         cos, sin = w.rope_rows(C, C + n)
         H, kvh, hd = w.heads, w.kv_heads, w.head_dim
         if n == 1:
-            q, k, v = self._qkv(x, cos, sin)
+            q, k, v = w.qkv(x, cos, sin)
         else:
             kv = F.linear(x, w.kv_w)
             k = w.rotate(kv[:, : w.kv_width].view(n, kvh, hd), cos, sin)
@@ -434,14 +434,6 @@ class EagleSession(_SessionState):
         self.last_feature = feature[0]
         self.last_logits = w.logits(feature)[0].float()
         return self.last_logits
-
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        w = self.w
-        n = x.shape[0]
-        qkv = F.linear(x, w.qkv_w)
-        qk_width = w.q_width + w.kv_width
-        qk = w.rotate(qkv[:, :qk_width].view(n, w.heads + w.kv_heads, w.head_dim), cos, sin)
-        return qk[:, : w.heads], qk[:, w.heads :], qkv[:, qk_width:].view(n, w.kv_heads, w.head_dim)
 
     @_in_inference_mode
     def propose(self, parents: Sequence[int], tokens: Sequence[int], depths: Sequence[int]) -> torch.Tensor:
@@ -483,7 +475,7 @@ class EagleSession(_SessionState):
             cos, sin = w.rope_rows(C - 1 + deps[0], C + deps[0])
         else:
             cos, sin = w.rope_at(torch.tensor([C - 1 + x for x in deps], dtype=torch.long, device=w.device))
-        q, key, value = self._qkv(x, cos, sin)
+        q, key, value = w.qkv(x, cos, sin)
         start = C + base
         self.cache.write(start, key, value)
         T = start + k

@@ -30,9 +30,34 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastDraftWeights", "KVBuffer", "fast_weights", "supports_fast_path"]
+__all__ = ["FastDraftWeights", "KVBuffer", "LayerWeights", "RopeTable", "fast_weights", "layer_support", "rms_norm",
+           "supports_fast_path"]
 
 _ROPE_TABLE_MIN = 2048
+
+
+def layer_support(layer, rotary) -> str | None:
+    """None when a Llama-style decoder `layer` (self_attn + mlp) with RoPE module `rotary` can run on `LayerWeights`;
+    otherwise why not."""
+    attn = getattr(layer, "self_attn", None)
+    mlp = getattr(layer, "mlp", None)
+    if attn is None or mlp is None or rotary is None:
+        return "no Llama-style decoder layer"
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not all(hasattr(attn, n) for n in names) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return f"{type(layer).__name__} lacks Llama's q/k/v/o and gate/up/down projections"
+    cfg = attn.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (the fused path implements SiLU)"
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        if lin.bias is not None:
+            return "biased attention/MLP projections"
+    extra = [n for n in ("q_norm", "k_norm", "sliding_window") if getattr(attn, n, None) is not None]
+    if extra:
+        return f"attention with {', '.join(extra)}"
+    if getattr(rotary, "rope_type", "default") != "default":
+        return f"rope type {rotary.rope_type!r} (the fused path implements the default RoPE)"
+    return None
 
 
 def supports_fast_path(model) -> str | None:
@@ -47,19 +72,9 @@ def supports_fast_path(model) -> str | None:
                if getattr(type(model), name) is not getattr(EagleDraftModel, name)]
     if changed:
         return f"{type(model).__name__} overrides {', '.join(changed)}"
-    layer = getattr(model, "layer", None)
-    attn = getattr(layer, "self_attn", None)
-    mlp = getattr(layer, "mlp", None)
-    if attn is None or mlp is None or not hasattr(model, "rotary"):
-        return "the draft has no Llama-style decoder layer"
-    cfg = attn.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} (the fused path implements SiLU)"
-    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        if lin.bias is not None:
-            return "biased attention/MLP projections"
-    if getattr(model.rotary, "rope_type", "default") != "default":
-        return f"rope type {model.rotary.rope_type!r} (the fused path implements the default RoPE)"
+    why = layer_support(getattr(model, "layer", None), getattr(model, "rotary", None))
+    if why is not None:
+        return f"the draft: {why}"
     if getattr(model.lm_head, "bias", None) is not None:
         return "an LM head with a bias"
     return None
@@ -67,46 +82,81 @@ def supports_fast_path(model) -> str | None:
 
 def _sources(model) -> list[torch.Tensor]:
     layer = model.layer
-    a, m = layer.self_attn, layer.mlp
-    return [model.embed.weight, model.fc.weight, model.fc.bias, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-            a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
-            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, model.lm_head.weight,
+    return [model.embed.weight, model.fc.weight, model.fc.bias, *layer_sources(layer), model.lm_head.weight,
             model.rotary.inv_freq]
 
 
-def _stamp(model) -> tuple:
+def layer_sources(layer) -> list[torch.Tensor]:
+    a, m = layer.self_attn, layer.mlp
+    return [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight,
+            m.up_proj.weight, m.down_proj.weight, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+
+
+def stamp_of(tensors) -> tuple:
     # data_ptr catches replaced tensors (load_state_dict(assign=True), .to()), _version catches in-place updates
     # (optimizer steps, copy_): a cached copy is never used after its source changed
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in _sources(model))
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
-class FastDraftWeights:
-    """A snapshot of the draft head's weights in inference layout, plus the RoPE table. Read-only once built; a
-    session keeps the snapshot it started with, so a weight update never reaches a session halfway."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: `torch.rms_norm` for float32 (bit-identical there), Hugging Face's float32 round trip else."""
+    if x.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
-    def __init__(self, model):
-        why = supports_fast_path(model)
-        if why is not None:
-            raise ValueError(f"no fused inference path for this draft: {why}")
-        self.stamp = _stamp(model)
-        layer = model.layer
+
+class RopeTable:
+    """cos/sin for every position, built once (and grown on demand) with the rotary module's own inverse
+    frequencies: position * inv_freq is the same float32 product either way, so the table holds exactly the numbers
+    the module computes per call."""
+
+    def __init__(self, rotary, head_dim: int, dtype, device, length: int = _ROPE_TABLE_MIN):
+        self.head_dim, self.dtype, self.device = head_dim, dtype, device
+        self.inv_freq = rotary.inv_freq.detach().to(device, torch.float32)
+        self.scaling = float(rotary.attention_scaling)
+        self.cos = self.sin = torch.empty(0)
+        self._grow(max(_ROPE_TABLE_MIN, int(length)))
+
+    def _grow(self, n: int) -> None:
+        # cast to the model dtype; sin carries rotate_half's sign so that rotate_half(x) * sin == roll(x) * sin_signed
+        pos = torch.arange(n, dtype=torch.float32, device=self.device)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.scaling).to(self.dtype)
+        sin = (emb.sin() * self.scaling).to(self.dtype)
+        sin[:, : self.head_dim // 2].neg_()
+        self.cos, self.sin = cos, sin
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [stop - start, 1, head_dim] for consecutive positions start..stop-1."""
+        if stop > self.cos.shape[0]:
+            self._grow(max(stop, 2 * self.cos.shape[0]))
+        return self.cos[start:stop, None], self.sin[start:stop, None]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [len(positions), 1, head_dim] for arbitrary positions (a LongTensor)."""
+        top = int(positions.max()) + 1
+        if top > self.cos.shape[0]:
+            self._grow(max(top, 2 * self.cos.shape[0]))
+        return self.cos.index_select(0, positions)[:, None], self.sin.index_select(0, positions)[:, None]
+
+
+class LayerWeights:
+    """One Llama-style decoder layer's weights in inference layout (q/k/v as one matrix) and the pieces of its
+    forward: the EAGLE draft's single layer and every layer of the fused target path."""
+
+    def __init__(self, layer, hidden_size: int, heads: int, kv_heads: int, head_dim: int):
         attn, mlp = layer.self_attn, layer.mlp
-        cfg = model.cfg
-        self.d = cfg.hidden_size
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_width = self.heads * self.head_dim
-        self.kv_width = self.kv_heads * self.head_dim
+        self.d = hidden_size
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_width = heads * head_dim
+        self.kv_width = kv_heads * head_dim
         self.scale = attn.scaling
         self.eps1 = float(layer.input_layernorm.variance_epsilon)
         self.eps2 = float(layer.post_attention_layernorm.variance_epsilon)
-        w = model.fc.weight
-        self.dtype, self.device = w.dtype, w.device
         with torch.no_grad():
-            # fc([e; f]) + b = (W_e e + b) + W_f f: the token half depends on the token only, so it is a table
-            # [V, d] read one row per node, and the per-node product shrinks to the feature half
-            fc_w = model.fc.weight.detach()
-            self.token_proj = F.linear(model.embed.weight.detach(), fc_w[:, : self.d], model.fc.bias.detach())
-            self.fc_feat_w = fc_w[:, self.d :].contiguous()
             self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0).detach()
             self.o_w = attn.o_proj.weight.detach().clone()
             # gate and up stay two products: one [2I, d] product measured no faster at batch 1
@@ -115,60 +165,23 @@ class FastDraftWeights:
             self.down_w = mlp.down_proj.weight.detach().clone()
             self.ln1 = layer.input_layernorm.weight.detach().clone()
             self.ln2 = layer.post_attention_layernorm.weight.detach().clone()
-            self.head_w = model.lm_head.weight.detach().clone()
-        self.inv_freq = model.rotary.inv_freq.detach().to(self.device, torch.float32)
-        self.rope_scaling = float(model.rotary.attention_scaling)
         self.q_w = self.qkv_w[: self.q_width]
         self.kv_w = self.qkv_w[self.q_width :]
-        self.cos = self.sin = torch.empty(0)
-        self._grow_rope(max(_ROPE_TABLE_MIN, int(cfg.max_positions)))
-        self.vocab_size = self.token_proj.shape[0]
-        self.arange = torch.arange(_ROPE_TABLE_MIN, device=self.device)  # its slices are index tensors for free
 
-    # --- RoPE ---------------------------------------------------------------------------------------------------
-    def _grow_rope(self, n: int) -> None:
-        # the same float32 numbers LlamaRotaryEmbedding computes per call (position * inv_freq, cos/sin, scaling),
-        # cast to the model dtype; sin carries rotate_half's sign so that rotate_half(x) * sin == roll(x) * sin_signed
-        pos = torch.arange(n, dtype=torch.float32, device=self.device)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(self.dtype)
-        sin = (emb.sin() * self.rope_scaling).to(self.dtype)
-        half = self.head_dim // 2
-        sin[:, :half].neg_()
-        self.cos, self.sin = cos, sin
-
-    def rope_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [stop - start, 1, head_dim] for consecutive positions start..stop-1."""
-        if stop > self.cos.shape[0]:
-            self._grow_rope(max(stop, 2 * self.cos.shape[0]))
-        return self.cos[start:stop, None], self.sin[start:stop, None]
-
-    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [len(positions), 1, head_dim] for arbitrary positions (a LongTensor)."""
-        top = int(positions.max()) + 1
-        if top > self.cos.shape[0]:
-            self._grow_rope(max(top, 2 * self.cos.shape[0]))
-        return self.cos.index_select(0, positions)[:, None], self.sin.index_select(0, positions)[:, None]
-
-    # --- the pieces -------------------------------------------------------------------------------------------
     def rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return torch.rms_norm(x, (self.d,), weight, eps)
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * x32.to(x.dtype)
+        return rms_norm(x, weight, eps)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin for x [n, heads, head_dim] (the same products and sum)."""
         return x * cos + x.roll(self.head_dim // 2, -1) * sin
 
-    def fuse(self, token_rows: torch.Tensor, feats: torch.Tensor, zero_first_feature: bool = False) -> torch.Tensor:
-        """fc([embed(token); feature]) for each row, from the rows of `token_proj` of the tokens."""
-        y = F.linear(feats.to(self.dtype), self.fc_feat_w)
-        if zero_first_feature:
-            y[0] = 0.0
-        return y.add_(token_rows)
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated queries [n, heads, hd], rotated keys and values [n, kv_heads, hd] of the normed input x."""
+        n = x.shape[0]
+        qkv = F.linear(x, self.qkv_w)
+        qk_width = self.q_width + self.kv_width
+        qk = self.rotate(qkv[:, :qk_width].view(n, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        return qk[:, : self.heads], qk[:, self.heads :], qkv[:, qk_width:].view(n, self.kv_heads, self.head_dim)
 
     def attend(self, q: torch.Tensor, cache: "KVBuffer", length: int, mask: torch.Tensor | None) -> torch.Tensor:
         """q [n, heads, head_dim] over the first `length` cached keys -> attention output [n, heads * head_dim]."""
@@ -180,16 +193,58 @@ class FastDraftWeights:
         return out[0].transpose(0, 1).reshape(n, self.q_width)
 
     def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual + o_proj, then the MLP block: the layer's output feature for each row."""
+        """Residual + o_proj, then the MLP block: the layer's output for each row."""
         h = h + F.linear(attn, self.o_w)
         x = self.rms(h, self.ln2, self.eps2)
         return h + F.linear(F.silu(F.linear(x, self.gate_w)) * F.linear(x, self.up_w), self.down_w)
+
+
+class FastDraftWeights(LayerWeights):
+    """A snapshot of the draft head's weights in inference layout, plus the RoPE table. Read-only once built; a
+    session keeps the snapshot it started with, so a weight update never reaches a session halfway."""
+
+    def __init__(self, model):
+        why = supports_fast_path(model)
+        if why is not None:
+            raise ValueError(f"no fused inference path for this draft: {why}")
+        self.stamp = _stamp(model)
+        cfg = model.cfg
+        super().__init__(model.layer, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        w = model.fc.weight
+        self.dtype, self.device = w.dtype, w.device
+        with torch.no_grad():
+            # fc([e; f]) + b = (W_e e + b) + W_f f: the token half depends on the token only, so it is a table
+            # [V, d] read one row per node, and the per-node product shrinks to the feature half
+            fc_w = model.fc.weight.detach()
+            self.token_proj = F.linear(model.embed.weight.detach(), fc_w[:, : self.d], model.fc.bias.detach())
+            self.fc_feat_w = fc_w[:, self.d :].contiguous()
+            self.head_w = model.lm_head.weight.detach().clone()
+        self.rope = RopeTable(model.rotary, self.head_dim, self.dtype, self.device, int(cfg.max_positions))
+        self.vocab_size = self.token_proj.shape[0]
+        self.arange = torch.arange(_ROPE_TABLE_MIN, device=self.device)  # its slices are index tensors for free
+
+    def rope_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope.rows(start, stop)
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope.at(positions)
+
+    def fuse(self, token_rows: torch.Tensor, feats: torch.Tensor, zero_first_feature: bool = False) -> torch.Tensor:
+        """fc([embed(token); feature]) for each row, from the rows of `token_proj` of the tokens."""
+        y = F.linear(feats.to(self.dtype), self.fc_feat_w)
+        if zero_first_feature:
+            y[0] = 0.0
+        return y.add_(token_rows)
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
         return F.linear(feats, self.head_w)
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, FastDraftWeights]" = weakref.WeakKeyDictionary()
+
+
+def _stamp(model) -> tuple:
+    return stamp_of(_sources(model))
 
 
 def fast_weights(model) -> FastDraftWeights:
