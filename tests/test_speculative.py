@@ -180,13 +180,15 @@ def random_tree(gen: torch.Generator, n: int, vocab: int) -> DraftTree:
     return tree
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fused", "hf"])
 @pytest.mark.parametrize("seed", range(4))
-def test_tree_verify_equals_sequential(seed):
+def test_tree_verify_equals_sequential(seed, fast):
     gen = torch.Generator().manual_seed(seed)
     V = 13
     model = tiny_model(V, seed % 2)
     ctx = [BOS] + torch.randint(4, V, (5,), generator=gen).tolist()
-    sess = TargetSession(model)
+    sess = TargetSession(model, fast=fast)
+    assert sess.fast == fast
     logits0, feats0 = sess.prefill(ctx[:3])
     ref_l, ref_h = full_forward(model, ctx[:3])
     assert torch.allclose(logits0, ref_l[-1], atol=1e-9) and torch.allclose(feats0, ref_h, atol=1e-9)
@@ -213,7 +215,7 @@ def test_tree_verify_equals_sequential(seed):
         nodes.reverse()
         sess.keep(nodes)
         seq = seq + pending + [tree.tokens[j] for j in nodes]
-        assert sess.length == len(seq) == sess.cache.get_seq_length()
+        assert sess.length == len(seq) == sess.cached_length()
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -274,11 +274,17 @@ def generate_list_reference(
 
 
 def generate_list(
-    model, prompt_tokens: Sequence[int], trie: ItemTrie, cfg: GenerationConfig, generator=None, history=None
+    model, prompt_tokens: Sequence[int], trie: ItemTrie, cfg: GenerationConfig, generator=None, history=None,
+    fast: bool | None = None,
 ) -> GenerationResult:
     """Fast batch-1 decoder. Forced tokens are appended without a model call and fed, together with the token
     of the last decision, in the next model call (one forward over several new tokens with the KV cache).
-    Same output as `generate_list_reference` (greedy, and sampling with the same generator seed)."""
+    Same output as `generate_list_reference` (greedy, and sampling with the same generator seed).
+
+    `fast`: run the target on the fused path (`padrec.models.fast_target`; default whenever the model allows it)
+    or through Hugging Face (False)."""
+    from padrec.models.fast_target import fast_target, use_fast_target
+
     prompt = _check_prompt(prompt_tokens)
     cons = make_constraint(trie, prompt, cfg, history)
     dev = _device_of(model)
@@ -290,15 +296,32 @@ def generate_list(
     allowed = cons.allowed_with_tensor
     advance = cons.advance
     with torch.inference_mode():
-        cache = new_cache(model)
+        if use_fast_target(model, fast):
+            ft = fast_target(model)
+            buffers, cached = ft.new_cache(), 0
+            last_row = slice(-1, None)
+
+            def step(new: list[int]) -> torch.Tensor:
+                nonlocal cached
+                logits, _ = ft.forward(buffers, new, cached, head_rows=last_row)
+                cached += len(new)
+                return logits[-1]
+        else:
+            cache = new_cache(model)
+
+            def step(new: list[int]) -> torch.Tensor:
+                nonlocal cache
+                logits, cache = model_forward(model, torch.tensor([new], device=dev), cache)
+                return logits[0, -1]
+
         while True:
             toks, tensor = allowed()
             if len(toks) == 1:  # forced: no model call, no random draw
                 tok = toks[0]
             else:
-                logits, cache = model_forward(model, torch.tensor([pending], device=dev), cache)
+                row = step(pending)
                 calls += 1
-                tok = _choose(logits[0, -1], toks, tensor if on_cpu else tensor.to(dev), cfg, generator)
+                tok = _choose(row, toks, tensor if on_cpu else tensor.to(dev), cfg, generator)
                 pending = []
             advance(tok)
             tokens.append(tok)

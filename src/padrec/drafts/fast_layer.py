@@ -94,8 +94,9 @@ def layer_sources(layer) -> list[torch.Tensor]:
 
 def stamp_of(tensors) -> tuple:
     # data_ptr catches replaced tensors (load_state_dict(assign=True), .to()), _version catches in-place updates
-    # (optimizer steps, copy_): a cached copy is never used after its source changed
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    # (optimizer steps, copy_): a cached copy is never used after its source changed. Inference tensors (a model
+    # built under inference_mode) have no version counter; they cannot be trained, so their pointer must do.
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

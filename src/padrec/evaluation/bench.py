@@ -3,6 +3,11 @@
 Honest measurement (DESIGN §4): same target, same process, same users; warm-up first; every user is decoded by
 every decoder back to back (pair by pair), so machine noise hits all decoders alike; speedup = median over users
 of AR time / SD time, with the ratio of medians beside it, and τ (committed tokens per target forward).
+
+Rows: `ar` is our best autoregressive decoder (the reference every speedup is measured against: KV cache, no call
+for forced tokens, the target on the fused path when it is a Llama); `ar-hf` the same decoder with the target run
+by Hugging Face modules; `ar-naive` a Hugging Face call for every token; `hf-generate` Hugging Face `generate` with
+the same constraint.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from padrec import PadrecError
 from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.metrics import ranking_metrics
+from padrec.models.fast_target import use_fast_target
 from padrec.pipeline import device_name, machine_description
 from padrec.run import Run
 from padrec.speculative.decoder import SpecConfig, speculative_generate
@@ -96,6 +102,8 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
     cases = rng.sample(cases, min(len(cases), cfg.users + cfg.warmup))
     gen_cfg = GenerationConfig(n_items=cfg.n_items)
     decoders: list[tuple[str, str, object]] = [("ar", "-", lambda p: generate_list(model, p, trie, gen_cfg))]
+    if use_fast_target(model):  # the same decoder with the target run by Hugging Face: what the fused path saves
+        decoders.append(("ar-hf", "-", lambda p: generate_list(model, p, trie, gen_cfg, fast=False)))
     if cfg.naive_ar:
         decoders.append(("ar-naive", "-", lambda p: generate_list_reference(model, p, trie, gen_cfg)))
     if cfg.hf_generate:

@@ -1,6 +1,6 @@
 """Target-side verification of a draft tree, and the (model-agnostic) acceptance rules.
 
-`TargetSession` holds the target's DynamicCache over the committed context. A verification is one forward over
+`TargetSession` holds the target's KV cache over the committed context (fused path or a DynamicCache). A verification is one forward over
 
     pending tokens p_0 .. p_{m-1}   (committed, not yet fed to the target: the last round's bonus token and the
                                      tokens the constraint forced after it; the prompt's last token in round 1)
@@ -53,6 +53,7 @@ from padrec.decoding.autoregressive import (
     new_cache,
     sample_from_logprobs,
 )
+from padrec.models.fast_target import fast_target, keep_in_buffers, use_fast_target
 from padrec.speculative.kv import (
     additive_mask,
     check_tree_cache,
@@ -67,16 +68,28 @@ __all__ = ["TargetSession", "accept_greedy", "accept_sampling", "accept_tree"]
 
 
 class TargetSession:
-    """The target's KV cache over the committed context; tree verification in one forward per round."""
+    """The target's KV cache over the committed context; tree verification in one forward per round.
 
-    def __init__(self, model):
+    `fast`: run the target on the fused path (`padrec.models.fast_target`, per-layer `KVBuffer`s; default whenever
+    the model allows it) or through Hugging Face with a DynamicCache (False)."""
+
+    def __init__(self, model, fast: bool | None = None):
         self.model = model
         self.dtype, self.device = model_dtype_device(model)
-        self.cache = new_cache(model)
-        check_tree_cache(self.cache)
+        self.fast = use_fast_target(model, fast)
+        if self.fast:
+            self._ft = fast_target(model)
+            self.cache = self._ft.new_cache()
+        else:
+            self.cache = new_cache(model)
+            check_tree_cache(self.cache)
         self.length = 0  # committed tokens in the cache
         self.forwards = 0
         self._last: tuple[int, int] | None = None  # (pending, nodes) of the last verify, for keep()
+
+    def cached_length(self) -> int:
+        """Entries in the cache (committed + not yet kept/dropped)."""
+        return self.cache[0].length if self.fast else self.cache.get_seq_length()
 
     @torch.inference_mode()
     def prefill(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +97,17 @@ class TargetSession:
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise PadrecError("prefill() of no tokens")
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        pos = torch.arange(self.length, self.length + len(tokens), device=self.device)[None]
-        logits, hidden = decoder_forward(self.model, ids, self.cache, None, pos, head_rows=slice(-1, None))
+        if self.fast:
+            logits, hidden = self._ft.forward(self.cache, tokens, self.length, head_rows=slice(-1, None))
+        else:
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            pos = torch.arange(self.length, self.length + len(tokens), device=self.device)[None]
+            logits, hidden = decoder_forward(self.model, ids, self.cache, None, pos, head_rows=slice(-1, None))
+            logits, hidden = logits[0], hidden[0]
         self.forwards += 1
         self.length += len(tokens)
         self._last = None
-        return logits[0, -1], hidden[0]
+        return logits[-1], hidden
 
     @torch.inference_mode()
     def verify(self, pending: Sequence[int], tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,16 +140,29 @@ class TargetSession:
         to the cache; `length` is unchanged (call `keep` / `keep_columns` next). Returns logits [q' , V] of the rows
         `head_rows` (all when None) and features [q, d]. Used by `verify` and by speculative beam search, whose
         committed context is a tree of beams rather than one sequence."""
+        self.forwards += 1
+        if self.fast:
+            # appended after whatever is cached, like HF's cache
+            return self._ft.forward(self.cache, [int(t) for t in tokens], self.cached_length(), positions, visible,
+                                    head_rows)
         ids = torch.tensor([[int(t) for t in tokens]], dtype=torch.long, device=self.device)
         mask = additive_mask(visible.to(self.device), self.dtype)
         pos_t = torch.tensor([list(positions)], dtype=torch.long, device=self.device)
         logits, hidden = decoder_forward(self.model, ids, self.cache, mask, pos_t, head_rows)
-        self.forwards += 1
         return logits[0], hidden[0]
 
     def keep_columns(self, columns: Sequence[int]) -> None:
         """Keep only these cache columns (strictly increasing), e.g. the prompt and the ancestors of live beams."""
-        keep_positions(self.cache, columns)
+        if self.fast:
+            cols = [int(c) for c in columns]
+            if any(b <= a for a, b in zip(cols, cols[1:])) or (cols and cols[0] < 0):
+                raise PadrecError("keep_positions needs strictly increasing, non-negative positions")
+            start = 0
+            while start < len(cols) and cols[start] == start:
+                start += 1
+            keep_in_buffers(self.cache, start, cols[start:])
+        else:
+            keep_positions(self.cache, columns)
         self.length = len(columns)
         self._last = None
 
@@ -148,7 +178,10 @@ class TargetSession:
             raise PadrecError(f"keep(): path {path} outside the {n} verified nodes")
         if any(b <= a for a, b in zip(path, path[1:])):
             raise PadrecError("keep_positions needs strictly increasing, non-negative positions")
-        keep_prefix_and(self.cache, base, [base + j for j in path])
+        if self.fast:
+            keep_in_buffers(self.cache, base, [base + j for j in path])
+        else:
+            keep_prefix_and(self.cache, base, [base + j for j in path])
         self.length = base + len(path)
         self._last = None
 
