@@ -40,7 +40,7 @@ def main_rows(runs: dict) -> list[dict]:
     for res in runs.values():
         ar = next(r for r in res["rows"] if r["decoder"] == "ar")
         for r in res["rows"]:
-            if r["decoder"] != "ar" and r["draft"] not in MAIN:
+            if r["decoder"] not in ("ar", "ar-hf") and r["draft"] not in MAIN:
                 continue
             agree = res["training"].get(r["draft"].removeprefix("st-"), {}).get("valid_agreement_by_step")
             out.append({
@@ -59,7 +59,7 @@ def compact_rows(runs: dict) -> list[dict]:
     out = []
     for res in runs.values():
         ar = next(r for r in res["rows"] if r["decoder"] == "ar")
-        for decoder in dict.fromkeys(r["decoder"] for r in res["rows"] if r["decoder"] != "ar"):
+        for decoder in dict.fromkeys(r["decoder"] for r in res["rows"] if r["decoder"].startswith("sd ")):
             rows = {r["draft"]: r for r in res["rows"] if r["decoder"] == decoder}
             same = all(r["identical_to_ar"] == f"{res['users']}/{res['users']}" for r in rows.values())
             out.append({"run": run_label(res), "decoder": decoder, "AR ms": round(ar["median_ms"], 1),

@@ -5,7 +5,9 @@
         [--out benchmarks/results/sd_speed.json]
 
 Per run it prints the table of `padrec bench` and writes all rows (with the command, commit and machine) to one
-JSON file, merged with what is already there, so datasets can be added one at a time.
+JSON file, merged with what is already there, so datasets can be added one at a time, then a summary: one row
+per run with both AR decoders and the fastest speculative configuration (`--out F` without `--runs` prints only
+the summary of F).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from padrec.ui import console, table
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True)
+    ap.add_argument("--runs", default="", help="comma-separated run dirs (none: only print the summary of --out)")
     ap.add_argument("--drafts", default="eagle,lm")
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
@@ -51,7 +53,7 @@ def main() -> None:
 
     out = Path(a.out)
     results = load_run_results(out)
-    for run_dir in a.runs.split(","):
+    for run_dir in [r for r in a.runs.split(",") if r]:
         run = Run(run_dir)
         have = list_drafts(run)
         drafts = {}
@@ -70,9 +72,39 @@ def main() -> None:
         shown = display_rows(res["rows"])
         console.print(table(shown, title=f"{key}: batch-1 list-wise greedy, {res['users']} users, "
                                          f"{res['threads']} thread(s)"))
-        plot_acceptance(res, out.parent / f"sd_speed_{str(run_dir).strip('/').replace('/', '_')}.png")
+        plot_acceptance(res, out.parent / f"{out.stem}_{str(run_dir).strip('/').replace('/', '_')}.png")
         save_run_results(out, "benchmarks/sd_speed.py", sys.argv[1:], results)
+    console.print(table(summary_rows(results), title="per run: AR decoders and the fastest speculative configuration"))
     console.print(f"written to {out}")
+
+
+def _preset_label(preset) -> str | None:
+    if isinstance(preset, dict):
+        return f"{preset.get('layers')}x{preset.get('hidden')}"
+    return preset
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per run: our AR decoder, the same decoder with the target through Hugging Face, and the speculative
+    configuration with the best median speedup (τ, latency, speedup against both, equality with AR, Recall/NDCG)."""
+    out = []
+    for key, res in results.items():
+        rows = {r["decoder"] + "/" + r["draft"]: r for r in res["rows"]}
+        ar = rows["ar/-"]
+        ar_hf = rows.get("ar-hf/-")
+        sd = [r for r in res["rows"] if r["decoder"].startswith("sd ")]
+        if not sd:
+            continue
+        best = max(sd, key=lambda r: r["speedup"])
+        out.append({
+            "run": key, "target": _preset_label(res.get("target")), "threads": res.get("threads"),
+            "AR ms": round(ar["median_ms"], 1), "AR-hf ms": round(ar_hf["median_ms"], 1) if ar_hf else None,
+            "best SD": f"{best['decoder'].removeprefix('sd ')} ({best['draft']})", "τ": round(best["tau"], 2),
+            "SD ms": round(best["median_ms"], 1), "speedup": round(best["speedup"], 2),
+            "vs AR-hf": round(ar_hf["median_ms"] / best["median_ms"], 2) if ar_hf else None,
+            "same": best["identical_to_ar"], "R@10": round(ar["recall@10"], 4), "N@10": round(ar["ndcg@10"], 4),
+        })
+    return out
 
 
 if __name__ == "__main__":

@@ -219,11 +219,13 @@ def test_tree_verify_equals_sequential(seed, fast):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_model_draft_session_tree_equals_sequential(seed):
+@pytest.mark.parametrize("fast", [True, False], ids=["fused", "hf"])
+def test_model_draft_session_tree_equals_sequential(seed, fast):
     gen = torch.Generator().manual_seed(seed)
     V = 11
     model = tiny_model(V, seed)
-    sess = ModelDraft(model).new_session()
+    sess = ModelDraft(model, fast=fast).new_session()
+    assert sess.fast == fast
     seq = [BOS] + torch.randint(4, V, (4,), generator=gen).tolist()
     out = sess.commit(seq, None)
     assert torch.allclose(out, full_forward(model, seq)[0][-1], atol=1e-9)
@@ -236,11 +238,19 @@ def test_model_draft_session_tree_equals_sequential(seed):
             for j in range(a, b):
                 assert torch.allclose(logits[j - a], full_forward(model, seq + tree.path_tokens(j))[0][-1], atol=1e-9)
         sess.rollback()
-        assert sess.cache.get_seq_length() == len(seq)
+        assert sess.cached_length() == len(seq)
         more = torch.randint(4, V, (2,), generator=gen).tolist()
         out = sess.commit(more, None)
         seq = seq + more
         assert torch.allclose(out, full_forward(model, seq)[0][-1], atol=1e-9)
+    # a chain, one node per call (the fused path's unmasked case), then a fork below its first node
+    chain = torch.randint(4, V, (4,), generator=gen).tolist()
+    for j, tok in enumerate(chain):
+        logits = sess.propose([j - 1], [tok], [j + 1])
+        assert torch.allclose(logits[0], full_forward(model, seq + chain[: j + 1])[0][-1], atol=1e-9)
+    logits = sess.propose([0], [7], [2])
+    assert torch.allclose(logits[0], full_forward(model, seq + [chain[0], 7])[0][-1], atol=1e-9)
+    sess.rollback()
     with pytest.raises(PadrecError):
         sess.propose([-1], [5], [2])  # depth inconsistent with its parent
 

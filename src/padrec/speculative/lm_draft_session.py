@@ -12,6 +12,9 @@ since the last commit/rollback, in append order:
   position is n - 1 + depth (the position it would have if its path were committed).
 * `rollback()`: crops the cache back to the n committed positions.
 
+A Llama draft runs on the fused path of `padrec.models.fast_target` (per-layer KV buffers: a rollback only moves
+their ends), like the target; other architectures go through Hugging Face with a DynamicCache.
+
 Target features are ignored (`uses_target_features = False`).
 """
 
@@ -24,17 +27,23 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.autoregressive import model_forward, new_cache
 from padrec.drafts.base import Draft, DraftSession
+from padrec.models.fast_target import fast_target, use_fast_target
 from padrec.speculative.kv import additive_mask, check_tree_cache, model_dtype_device
 
 __all__ = ["ModelDraft", "ModelDraftSession"]
 
 
 class ModelDraftSession(DraftSession):
-    def __init__(self, model):
+    def __init__(self, model, fast: bool | None = None):
         self.model = model
         self.dtype, self.device = model_dtype_device(model)
-        self.cache = new_cache(model)
-        check_tree_cache(self.cache)
+        self.fast = use_fast_target(model, fast)
+        if self.fast:
+            self._ft = fast_target(model)
+            self.cache = self._ft.new_cache()
+        else:
+            self.cache = new_cache(model)
+            check_tree_cache(self.cache)
         self.n = 0  # committed tokens in the cache
         self._anc: list[list[int]] = []  # per speculative node: its ancestor-or-self speculative indices
         self._depth: list[int] = []
@@ -45,6 +54,10 @@ class ModelDraftSession(DraftSession):
     def num_speculative(self) -> int:
         return len(self._anc)
 
+    def cached_length(self) -> int:
+        """Entries in the cache: committed tokens + speculative nodes."""
+        return self.cache[0].length if self.fast else self.cache.get_seq_length()
+
     @torch.inference_mode()
     def commit(self, tokens: Sequence[int], features: torch.Tensor | None = None) -> torch.Tensor:
         self.rollback()
@@ -53,12 +66,17 @@ class ModelDraftSession(DraftSession):
             if self._last_logits is None:
                 raise PadrecError("commit() of no tokens before anything was committed")
             return self._last_logits
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        pos = torch.arange(self.n, self.n + len(tokens), device=self.device)[None]
-        logits, self.cache = model_forward(self.model, ids, self.cache, position_ids=pos, last_only=True)
+        if self.fast:
+            logits, _ = self._ft.forward(self.cache, tokens, self.n, head_rows=slice(-1, None))
+            last = logits[-1]
+        else:
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            pos = torch.arange(self.n, self.n + len(tokens), device=self.device)[None]
+            logits, self.cache = model_forward(self.model, ids, self.cache, position_ids=pos, last_only=True)
+            last = logits[0, -1]
         self.forwards += 1
         self.n += len(tokens)
-        self._last_logits = logits[0, -1]
+        self._last_logits = last
         return self._last_logits
 
     @torch.inference_mode()
@@ -81,37 +99,49 @@ class ModelDraftSession(DraftSession):
             self._anc.append(([] if p < 0 else self._anc[p]) + [s + j])
             self._depth.append(d)
         past = self.n + s
+        positions = [self.n - 1 + int(d) for d in depths]
+        self.forwards += 1
+        if self.fast and k == 1 and len(self._anc[s]) == s + 1:
+            # a chain node: it sees everything before it, at the next position (causal attention, no mask)
+            logits, _ = self._ft.forward(self.cache, [int(tokens[0])], past, None if positions[0] == past else positions)
+            return logits
         visible = torch.zeros(k, past + k, dtype=torch.bool)
         visible[:, : self.n] = True
         for j in range(k):
             visible[j, [self.n + a for a in self._anc[s + j]]] = True
+        if self.fast:
+            return self._ft.forward(self.cache, [int(t) for t in tokens], past, positions, visible)[0]
         mask = additive_mask(visible.to(self.device), self.dtype)
-        pos = torch.tensor([[self.n - 1 + int(d) for d in depths]], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
         ids = torch.tensor([[int(t) for t in tokens]], dtype=torch.long, device=self.device)
         logits, self.cache = model_forward(self.model, ids, self.cache, mask, pos, last_only=False)
-        self.forwards += 1
         return logits[0]
 
     def rollback(self) -> None:
         s = len(self._anc)
         if s:
-            self.cache.crop(-s)
+            if self.fast:
+                for kv in self.cache:
+                    kv.truncate(self.n)
+            else:
+                self.cache.crop(-s)
         self._anc = []
         self._depth = []
 
 
 class ModelDraft(Draft):
     """Wrap a causal LM sharing the target's vocabulary (e.g. a small independently trained LM, or the target
-    itself for testing) as a draft."""
+    itself for testing) as a draft. `fast`: as `ModelDraftSession`'s (default: the fused path when possible)."""
 
     uses_target_features = False
 
-    def __init__(self, model, name: str = "lm"):
+    def __init__(self, model, name: str = "lm", fast: bool | None = None):
         self.model = model.eval() if hasattr(model, "eval") else model
         self.name = name
+        self.fast = fast
 
     def new_session(self) -> ModelDraftSession:
-        return ModelDraftSession(self.model)
+        return ModelDraftSession(self.model, self.fast)
 
     @property
     def vocab_size(self) -> int:

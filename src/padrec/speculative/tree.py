@@ -118,12 +118,14 @@ class DraftTree:
 ProposeFn = Callable[[Sequence[int], Sequence[int], Sequence[int]], torch.Tensor]
 
 
-def _node_distribution(logits_row: torch.Tensor | None, cons: ListConstraint, cfg: GenerationConfig):
+def _node_distribution(logits_row: torch.Tensor | None, cons: ListConstraint, cfg: GenerationConfig,
+                       to_cpu: bool = True):
+    """Allowed tokens and the draft's log-probabilities over them (float64 on the CPU, or as computed)."""
     toks, tensor = cons.allowed_with_tensor()
     if len(toks) == 1:
         return toks, torch.zeros(1, dtype=torch.float64)
     lp = apply_logits_processing(logits_row, tensor.to(logits_row.device), cfg)
-    return toks, lp.detach().to("cpu", torch.float64)
+    return toks, (lp.detach().to("cpu", torch.float64) if to_cpu else lp)
 
 
 def build_tree(
@@ -168,24 +170,26 @@ def build_tree(
         return cons
 
     def expand(cand: int, logits_row, cons: ListConstraint, base: float, d: int) -> None:
-        toks, lp = _node_distribution(logits_row, cons, cfg)
-        c_q[cand] = (toks, lp)
-        vals = lp.tolist()
-        # best first, ties to the smaller token: `toks` is sorted ascending and a reverse sort is stable, so this
-        # is sorted(key=(-value, token)) without a Python key function per allowed token
-        if k == 1:
-            order = [vals.index(max(vals))]
+        if k == 1:  # a chain: only the best token (the first maximum: ties to the smaller token, `toks` is sorted)
+            toks, lp = _node_distribution(logits_row, cons, cfg, to_cpu=False)
+            i = int(lp.argmax())
+            best = [(i, float(lp[i]))]
         else:
-            order = sorted(range(len(vals)), key=vals.__getitem__, reverse=True)[:k]
+            toks, lp = _node_distribution(logits_row, cons, cfg)
+            vals = lp.tolist()
+            # best first, ties to the smaller token: a reverse sort is stable, so this is sorted(key=(-value,
+            # token)) without a Python key function per allowed token
+            best = [(i, vals[i]) for i in sorted(range(len(vals)), key=vals.__getitem__, reverse=True)[:k]]
+        c_q[cand] = (toks, lp)
         kids = c_children.setdefault(cand, [])
-        for i in order:
-            if vals[i] == -math.inf:
+        for i, val in best:
+            if val == -math.inf:
                 break
             kids.append(len(c_tok))
             c_tok.append(toks[i])
             c_parent.append(cand)
             c_depth.append(d + 1)
-            c_score.append(base + vals[i])
+            c_score.append(base + val)
             c_cons.append(None)
 
     expand(-1, root_logits, constraint, 0.0, 0)
