@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from padrec import PadrecError
-from padrec.decoding.autoregressive import cache_kwargs
+from padrec.decoding.autoregressive import cache_kwargs, new_cache
 
 __all__ = [
     "additive_mask",
+    "cache_length",
+    "session_cache",
     "ancestor_matrix",
     "check_tree_cache",
     "decoder_forward",
@@ -25,6 +27,25 @@ __all__ = [
     "keep_prefix_and",
     "model_dtype_device",
 ]
+
+
+def session_cache(model, fast: bool | None = None):
+    """The KV cache of a batch-1 session over `model`: (fast, FastTarget or None, cache). On the fused path
+    (`padrec.models.fast_target`, whenever it applies, or as `fast` says) the cache is its per-layer buffers; else a
+    DynamicCache, checked for tree attention."""
+    from padrec.models.fast_target import fast_target, use_fast_target
+
+    if use_fast_target(model, fast):
+        ft = fast_target(model)
+        return True, ft, ft.new_cache()
+    cache = new_cache(model)
+    check_tree_cache(cache)
+    return False, None, cache
+
+
+def cache_length(cache) -> int:
+    """Entries in a session cache of either kind."""
+    return cache[0].length if isinstance(cache, list) else cache.get_seq_length()
 
 
 def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:

@@ -25,10 +25,9 @@ from collections.abc import Sequence
 import torch
 
 from padrec import PadrecError
-from padrec.decoding.autoregressive import model_forward, new_cache
+from padrec.decoding.autoregressive import model_forward
 from padrec.drafts.base import Draft, DraftSession
-from padrec.models.fast_target import fast_target, use_fast_target
-from padrec.speculative.kv import additive_mask, check_tree_cache, model_dtype_device
+from padrec.speculative.kv import additive_mask, cache_length, model_dtype_device, session_cache
 
 __all__ = ["ModelDraft", "ModelDraftSession"]
 
@@ -37,13 +36,7 @@ class ModelDraftSession(DraftSession):
     def __init__(self, model, fast: bool | None = None):
         self.model = model
         self.dtype, self.device = model_dtype_device(model)
-        self.fast = use_fast_target(model, fast)
-        if self.fast:
-            self._ft = fast_target(model)
-            self.cache = self._ft.new_cache()
-        else:
-            self.cache = new_cache(model)
-            check_tree_cache(self.cache)
+        self.fast, self._ft, self.cache = session_cache(model, fast)
         self.n = 0  # committed tokens in the cache
         self._anc: list[list[int]] = []  # per speculative node: its ancestor-or-self speculative indices
         self._depth: list[int] = []
@@ -56,7 +49,7 @@ class ModelDraftSession(DraftSession):
 
     def cached_length(self) -> int:
         """Entries in the cache: committed tokens + speculative nodes."""
-        return self.cache[0].length if self.fast else self.cache.get_seq_length()
+        return cache_length(self.cache)
 
     @torch.inference_mode()
     def commit(self, tokens: Sequence[int], features: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,17 +50,17 @@ from padrec.decoding.autoregressive import (
     GenerationConfig,
     _choose,
     apply_logits_processing,
-    new_cache,
     sample_from_logprobs,
 )
-from padrec.models.fast_target import fast_target, keep_in_buffers, use_fast_target
+from padrec.models.fast_target import keep_in_buffers
 from padrec.speculative.kv import (
     additive_mask,
-    check_tree_cache,
+    cache_length,
     decoder_forward,
     keep_positions,
     keep_prefix_and,
     model_dtype_device,
+    session_cache,
 )
 from padrec.speculative.tree import DraftTree
 
@@ -76,20 +76,14 @@ class TargetSession:
     def __init__(self, model, fast: bool | None = None):
         self.model = model
         self.dtype, self.device = model_dtype_device(model)
-        self.fast = use_fast_target(model, fast)
-        if self.fast:
-            self._ft = fast_target(model)
-            self.cache = self._ft.new_cache()
-        else:
-            self.cache = new_cache(model)
-            check_tree_cache(self.cache)
+        self.fast, self._ft, self.cache = session_cache(model, fast)
         self.length = 0  # committed tokens in the cache
         self.forwards = 0
         self._last: tuple[int, int] | None = None  # (pending, nodes) of the last verify, for keep()
 
     def cached_length(self) -> int:
         """Entries in the cache (committed + not yet kept/dropped)."""
-        return self.cache[0].length if self.fast else self.cache.get_seq_length()
+        return cache_length(self.cache)
 
     @torch.inference_mode()
     def prefill(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
