@@ -80,8 +80,9 @@ def run_demo(out: Path, dataset: str = "beauty", preset: str = "small", time_bud
                               f"(speedup = AR time / decoder time, median over users)"))
     console.print("ar: our decoder (fused target path), the baseline of every speedup; ar-hf: the same decoder with "
                   "the target run by Hugging Face modules. On this small target a CPU verification of 5-7 tokens "
-                  "costs about 1.5 decoding steps and a draft step a third of one, so speculative decoding roughly "
-                  "breaks even with `ar`; the README's 'Where it pays off' has the deep target and the GPU figures.")
+                  "costs about 1.5 decoding steps and a draft step a third of one, so speculative decoding is at "
+                  "best even with `ar` (it beats `ar-hf`); the README's 'Where it pays off' has the deep target and "
+                  "the GPU figures.")
     console.print(table([{
         "target params": f"{train['n_params'] / 1e6:.1f}M", "epochs": len(train["history"]),
         "train min": train["train_seconds"] / 60, "total min": total_s / 60,
