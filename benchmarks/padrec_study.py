@@ -22,6 +22,7 @@ draft with its base: Δτ and the wall-clock gain.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -139,6 +140,7 @@ def main() -> None:
                           hf_generate=False)
         res = run_bench(run, drafts, cfg)
         res.update(dataset=run.info.dataset, layout=run.sids.vocab.layout, levels=run.sids.vocab.levels,
+                   target=json.loads((run.target_dir / "padrec.json").read_text()).get("preset"),
                    training=training, gains=gains(res["rows"]))
         results[run_dir] = res
         title = f"{run_dir} ({res['dataset']}, {res['layout']} vocabulary): {res['users']} users, {res['threads']} thread(s)"

@@ -32,7 +32,11 @@ def load(paths: list[str]) -> dict:
 
 
 def run_label(res: dict) -> str:
-    return f"{res['dataset']} ({'shared' if res['layout'] == 'shared' else 'per-level'})"
+    label = f"{res['dataset']} ({'shared' if res['layout'] == 'shared' else 'per-level'}"
+    target = res.get("target")
+    if isinstance(target, dict) and target.get("layers") != 4:  # the study's default is the small preset
+        label += f", {target['layers']}x{target['hidden']} target"
+    return label + ")"
 
 
 def main_rows(runs: dict) -> list[dict]:
@@ -63,8 +67,8 @@ def compact_rows(runs: dict) -> list[dict]:
             rows = {r["draft"]: r for r in res["rows"] if r["decoder"] == decoder}
             same = all(r["identical_to_ar"] == f"{res['users']}/{res['users']}" for r in rows.values())
             out.append({"run": run_label(res), "decoder": decoder, "AR ms": round(ar["median_ms"], 1),
-                        **{d.removeprefix("st-"): f"{rows[d]['tau']:.2f} ({rows[d]['speedup']:.2f}×)"
-                           for d in MAIN if d in rows},
+                        **{d.removeprefix("st-"): f"{rows[d]['tau']:.2f} ({rows[d]['speedup']:.2f}×)" if d in rows
+                           else "-" for d in MAIN},
                         "R@10": round(ar["recall@10"], 4), "N@10": round(ar["ndcg@10"], 4),
                         "all = AR": "yes" if same else "NO"})
     return out

@@ -1,4 +1,5 @@
-"""The fused target path (`padrec.models.fast_target`) == the Hugging Face module path it replaces.
+"""The fused target path (`padrec.models.fast_target`) == the Hugging Face module path it replaces (Llama, and
+Qwen2 with its biased q/k/v).
 
 The property tests of tests/test_decoding.py and tests/test_speculative.py already compare the fast decoders (now on
 this path) with `generate_list_reference` (Hugging Face, a call per token) token for token; here: the numbers
@@ -130,17 +131,33 @@ def test_greedy_lists_equal_on_both_paths(seed):
     assert generate_list(model, prompt, trie, gcfg, fast=False).tokens == ref.tokens
 
 
-def test_models_the_path_does_not_cover_run_through_hugging_face():
+@torch.inference_mode()
+def test_qwen2_biased_qkv_equals_the_module_path():
     model = _qwen()
+    assert supports_fast_target(model) is None
+    ft = fast_target(model)
+    assert ft.layers[0].qkv_b is not None
+    bufs, cache = ft.new_cache(), new_cache(model)
+    prompt = list(range(3, 14))
+    for new, start in [(prompt, 0), ([5], 11), ([6, 7, 8], 12)]:
+        a_l, a_h = ft.forward(bufs, new, start)
+        b_l, b_h = _hf(model, new, cache, start)
+        torch.testing.assert_close(a_l, b_l, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a_h, b_h, atol=1e-5, rtol=1e-5)
+
+
+def test_models_the_path_does_not_cover_run_through_hugging_face():
+    torch.manual_seed(0)
+    vocab, items = _catalogue()
+    cfg = LlamaConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=48, initializer_range=0.2, mlp_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
     why = supports_fast_target(model)
-    assert why and "Qwen2ForCausalLM" in why
+    assert why and "biased output/MLP" in why
     assert not use_fast_target(model)
     with pytest.raises(ValueError, match="no fused inference path"):
         use_fast_target(model, True)
     assert not TargetSession(model).fast
-    vocab, items = _catalogue()
-    model = _qwen()
-    model.resize_token_embeddings(vocab.size)
     trie = ItemTrie(items)
     prompt = [BOS, *items[1], SEP]
     gcfg = GenerationConfig(n_items=4)
@@ -150,8 +167,8 @@ def test_models_the_path_does_not_cover_run_through_hugging_face():
 def test_llama_variants_outside_the_path_are_refused():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                      intermediate_size=48, attention_bias=True)
-    assert "biased" in supports_fast_target(LlamaForCausalLM(cfg))
+                      intermediate_size=48, attention_bias=True)  # o_proj biased too
+    assert "biased output" in supports_fast_target(LlamaForCausalLM(cfg))
     cfg = LlamaConfig(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                       intermediate_size=48, hidden_act="gelu")
     assert "activation" in supports_fast_target(LlamaForCausalLM(cfg))

@@ -36,9 +36,9 @@ __all__ = ["FastDraftWeights", "KVBuffer", "LayerWeights", "RopeTable", "fast_we
 _ROPE_TABLE_MIN = 2048
 
 
-def layer_support(layer, rotary) -> str | None:
+def layer_support(layer, rotary, qkv_bias: bool = False) -> str | None:
     """None when a Llama-style decoder `layer` (self_attn + mlp) with RoPE module `rotary` can run on `LayerWeights`;
-    otherwise why not."""
+    otherwise why not. `qkv_bias`: accept biases on the q/k/v projections (Qwen2)."""
     attn = getattr(layer, "self_attn", None)
     mlp = getattr(layer, "mlp", None)
     if attn is None or mlp is None or rotary is None:
@@ -49,9 +49,12 @@ def layer_support(layer, rotary) -> str | None:
     cfg = attn.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r} (the fused path implements SiLU)"
-    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if any(lin.bias is not None for lin in qkv) and not (qkv_bias and all(lin.bias is not None for lin in qkv)):
+        return "biased q/k/v projections" if not qkv_bias else "biases on some of the q/k/v projections only"
+    for lin in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         if lin.bias is not None:
-            return "biased attention/MLP projections"
+            return "biased output/MLP projections"
     extra = [n for n in ("q_norm", "k_norm", "sliding_window") if getattr(attn, n, None) is not None]
     if extra:
         return f"attention with {', '.join(extra)}"
@@ -88,7 +91,8 @@ def _sources(model) -> list[torch.Tensor]:
 
 def layer_sources(layer) -> list[torch.Tensor]:
     a, m = layer.self_attn, layer.mlp
-    return [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight,
+    biases = [lin.bias for lin in (a.q_proj, a.k_proj, a.v_proj) if lin.bias is not None]
+    return [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, *biases, a.o_proj.weight, m.gate_proj.weight,
             m.up_proj.weight, m.down_proj.weight, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
 
 
@@ -159,6 +163,8 @@ class LayerWeights:
         self.eps2 = float(layer.post_attention_layernorm.variance_epsilon)
         with torch.no_grad():
             self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0).detach()
+            self.qkv_b = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], 0).detach()
+                          if attn.q_proj.bias is not None else None)
             self.o_w = attn.o_proj.weight.detach().clone()
             # gate and up stay two products: one [2I, d] product measured no faster at batch 1
             self.gate_w = mlp.gate_proj.weight.detach().clone()
@@ -179,7 +185,7 @@ class LayerWeights:
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rotated queries [n, heads, hd], rotated keys and values [n, kv_heads, hd] of the normed input x."""
         n = x.shape[0]
-        qkv = F.linear(x, self.qkv_w)
+        qkv = F.linear(x, self.qkv_w, self.qkv_b)
         qk_width = self.q_width + self.kv_width
         qk = self.rotate(qkv[:, :qk_width].view(n, self.heads + self.kv_heads, self.head_dim), cos, sin)
         return qk[:, : self.heads], qk[:, self.heads :], qkv[:, qk_width:].view(n, self.kv_heads, self.head_dim)

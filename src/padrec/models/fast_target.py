@@ -8,8 +8,9 @@ function from the same weights with the pieces of the EAGLE draft's fused path (
 q/k/v as one product, a cos/sin table, keys/values in preallocated per-layer buffers (`KVBuffer`) where appending
 is a copy into place and dropping rejected tree nodes moves an integer or a few rows.
 
-It covers `LlamaForCausalLM` targets (every padrec preset); anything else (biased projections, sliding windows,
-soft-capping, other RoPE types, other architectures) runs through Hugging Face (`TargetRunner.for_model` says why).
+It covers `LlamaForCausalLM` (every padrec preset) and `Qwen2ForCausalLM` (biased q/k/v) targets; anything else
+(other biased projections, sliding windows, soft-capping, other RoPE types, other architectures) runs through
+Hugging Face (`supports_fast_target` says why).
 The summation order of some products differs from the module path (the fused q/k/v product), so logits agree to
 float32 rounding; `generate_list_reference`, which stays on the Hugging Face path, is the check
 (tests/test_fast_target.py).
@@ -30,10 +31,10 @@ __all__ = ["FastTarget", "fast_target", "keep_in_buffers", "supports_fast_target
 
 def supports_fast_target(model) -> str | None:
     """None when `model` can run on `FastTarget`; otherwise why not."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-    if type(model) is not LlamaForCausalLM:
-        return f"{type(model).__name__} is not a LlamaForCausalLM"
+    if type(model) not in (LlamaForCausalLM, Qwen2ForCausalLM):
+        return f"{type(model).__name__} is neither a LlamaForCausalLM nor a Qwen2ForCausalLM"
     cfg = model.config
     if getattr(cfg, "final_logit_softcapping", None):
         return "final-logit soft-capping"
@@ -44,7 +45,7 @@ def supports_fast_target(model) -> str | None:
         return "an LM head with a bias"
     base = model.get_decoder()
     for i, layer in enumerate(base.layers):
-        why = layer_support(layer, base.rotary_emb)
+        why = layer_support(layer, base.rotary_emb, qkv_bias=True)
         if why is not None:
             return f"layer {i}: {why}"
     return None
