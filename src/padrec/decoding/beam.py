@@ -42,6 +42,7 @@ from padrec.decoding.autoregressive import (
     new_cache,
 )
 from padrec.decoding.trie import ItemTrie, ListConstraint
+from padrec.models.fast_target import fast_target, use_fast_target
 from padrec.tokenizer.vocab import PAD
 
 __all__ = [
@@ -204,8 +205,10 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
     calls = 0
     vocab = None
     cand = None
+    # one prompt (batch 1, no padding): the fused target path, as the list decoders use; batches: Hugging Face
+    ft = fast_target(model) if nprompt == 1 and use_fast_target(model) else None
     with torch.inference_mode():
-        cache = new_cache(model)
+        cache = ft.new_cache() if ft is not None else new_cache(model)
         for _level in range(trie.levels):
             flat_beams = [b for bs in beams for b in bs]
             allowed = [cons[p].children_allowed(b.node) for p, bs in enumerate(beams) for b in bs]
@@ -243,7 +246,12 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
                 # every query of the row through 0 * NaN)
                 allow[:, :, past : past + q] |= torch.eye(q, dtype=torch.bool, device=dev)
                 prefill = past == 0
-                logits, cache = model_forward(model, ids, cache, _additive(allow, dtype), pos, last_only=prefill)
+                if ft is not None:
+                    out, _ = ft.forward(cache, ids[0].tolist(), past, pos[0].tolist(), allow[0],
+                                        head_rows=slice(-1, None) if prefill else None)
+                    logits = out[None]
+                else:
+                    logits, cache = model_forward(model, ids, cache, _additive(allow, dtype), pos, last_only=prefill)
                 calls += 1
                 if prefill:
                     logits = logits[:, -1]

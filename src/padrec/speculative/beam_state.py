@@ -33,9 +33,9 @@ def _prefixes(seq: Prefix):
 
 class TargetBeamTree:
     def __init__(self, model):
-        # plain beam search (`beam_search_items`, the baseline and the reference) runs the target through Hugging
-        # Face; the verifier does the same, so speedups compare like with like and scores share one arithmetic path
-        self.sess = TargetSession(model, fast=False)
+        # on the same target path as plain beam search at batch 1 (`beam_search_items`: fused when the model allows
+        # it), so speedups compare like with like and scores share one arithmetic path
+        self.sess = TargetSession(model)
         self.n_prompt = 0  # prompt columns in the cache (0 until the first feed)
         self.col: dict[Prefix, int] = {}  # cache column of every fed node
         self.logits: dict[Prefix, torch.Tensor] = {}  # next-token logits of fed nodes (root: after the prompt)
