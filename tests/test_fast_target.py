@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference, new_cache
 from padrec.decoding.trie import ItemTrie
-from padrec.models.fast_target import fast_target, keep_in_buffers, supports_fast_target, use_fast_target
+from padrec import PadrecError
+from padrec.models.fast_target import fast_target, supports_fast_target, use_fast_target
 from padrec.speculative.kv import additive_mask, decoder_forward, keep_prefix_and
 from padrec.speculative.verify import TargetSession
 from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
@@ -79,7 +80,7 @@ def test_forward_equals_the_module_path(kv_heads):
 
 
 @torch.inference_mode()
-def test_keep_equals_the_dynamic_cache_version():
+def test_keep_on_buffers_equals_the_dynamic_cache_version():
     model = _llama(1)
     ft = fast_target(model)
     bufs, cache = ft.new_cache(), new_cache(model)
@@ -87,16 +88,16 @@ def test_keep_equals_the_dynamic_cache_version():
     ft.forward(bufs, toks, 0)
     _hf(model, toks, cache, 0)
     for prefix, tail in [(8, [9, 11]), (5, [5, 6, 9]), (7, [])]:
-        keep_in_buffers(bufs, prefix, tail)
-        keep_prefix_and(cache, prefix, tail)
+        keep_prefix_and(bufs, prefix, tail)  # the fused path's buffers
+        keep_prefix_and(cache, prefix, tail)  # a DynamicCache
         for kv, layer in zip(bufs, cache.layers):
             assert kv.length == layer.keys.shape[-2] == prefix + len(tail)
             assert torch.equal(kv.keys[:, : kv.length], layer.keys[0])
             assert torch.equal(kv.values[:, : kv.length], layer.values[0])
         ft.forward(bufs, [4, 5], bufs[0].length)  # refill for the next case
         _hf(model, [4, 5], cache, cache.get_seq_length())
-    with pytest.raises(ValueError, match="beyond the cache length"):
-        keep_in_buffers(bufs, 2, [40])
+    with pytest.raises(PadrecError, match="beyond the cache length"):
+        keep_prefix_and(bufs, 2, [40])
 
 
 def test_weight_changes_rebuild_the_snapshot():

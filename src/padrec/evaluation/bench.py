@@ -167,7 +167,6 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
             "threads": torch.get_num_threads(), "device": device_name(cfg.device)}
 
 
-
 def load_run_results(out) -> dict:
     """The per-run results already in a benchmark JSON (so runs can be added one invocation at a time)."""
     out = Path(out)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from padrec.drafts.fast_layer import KVBuffer, LayerWeights, RopeTable, layer_sources, layer_support, rms_norm, stamp_of
 
-__all__ = ["FastTarget", "fast_target", "keep_in_buffers", "supports_fast_target", "use_fast_target"]
+__all__ = ["FastTarget", "fast_target", "supports_fast_target", "use_fast_target"]
 
 
 def supports_fast_target(model) -> str | None:
@@ -143,22 +143,3 @@ def use_fast_target(model, fast: bool | None = None) -> bool:
         raise ValueError(f"no fused inference path for this target: {why}")
     return bool(fast)
 
-
-def keep_in_buffers(cache: list[KVBuffer], prefix: int, tail: Sequence[int]) -> None:
-    """Keep the first `prefix` entries and then the entries `tail` (strictly increasing, all >= prefix) of every
-    layer's buffer, in that order; the rest is dropped. Only the tail rows move."""
-    tail = [int(i) for i in tail]
-    skip = 0
-    while skip < len(tail) and tail[skip] == prefix + skip:  # already in place
-        skip += 1
-    start, n = prefix + skip, prefix + len(tail)
-    moved = None
-    for kv in cache:
-        if tail and tail[-1] >= kv.length:
-            raise ValueError(f"keep: position {tail[-1]} beyond the cache length {kv.length}")
-        if start < n:
-            if moved is None:
-                moved = torch.tensor(tail[skip:], dtype=torch.long, device=kv.keys.device)
-            kv.keys[:, start:n] = kv.keys.index_select(1, moved)
-            kv.values[:, start:n] = kv.values.index_select(1, moved)
-        kv.length = n

@@ -115,20 +115,26 @@ def keep_positions(cache, keep_index: Sequence[int] | torch.Tensor) -> None:
 def keep_prefix_and(cache, prefix: int, tail: Sequence[int]) -> None:
     """`keep_positions(cache, [0, 1, ..., prefix - 1] + tail)` for a tail that is strictly increasing and starts at
     `prefix` or later (not checked), without building and scanning the whole index list: after a verification the
-    prefix is the entire committed context and the tail only the accepted path."""
+    prefix is the entire committed context and the tail only the accepted path.
+
+    `cache`: a DynamicCache, or the fused path's list of per-layer `KVBuffer`s (`session_cache`), whose keys and
+    values also have the sequence on axis -2; a buffer is cut by moving its length, not by slicing."""
     tail = [int(i) for i in tail]
     skip = 0
     while skip < len(tail) and tail[skip] == prefix + skip:  # already in place
         skip += 1
     start, n = prefix + skip, prefix + len(tail)
-    check_tree_cache(cache)
+    fused = isinstance(cache, list)
+    if not fused:
+        check_tree_cache(cache)
     moved = None
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+    for layer in cache if fused else cache.layers:
+        if not fused and (not getattr(layer, "is_initialized", True) or layer.keys is None
+                          or layer.keys.numel() == 0):
             if n:
                 raise PadrecError("keep_positions on an empty cache layer")
             continue
-        length = layer.keys.shape[-2]
+        length = layer.length if fused else layer.keys.shape[-2]
         last = tail[-1] if tail else prefix - 1
         if last >= length:
             raise PadrecError(f"keep_positions: position {last} beyond the cache length {length}")
@@ -137,7 +143,9 @@ def keep_prefix_and(cache, prefix: int, tail: Sequence[int]) -> None:
                 moved = torch.tensor(tail[skip:], dtype=torch.long, device=layer.keys.device)
             layer.keys[..., start:n, :] = layer.keys.index_select(-2, moved)
             layer.values[..., start:n, :] = layer.values.index_select(-2, moved)
-        if n < length:
+        if fused:
+            layer.length = n
+        elif n < length:
             layer.keys = layer.keys[..., :n, :]
             layer.values = layer.values[..., :n, :]
 

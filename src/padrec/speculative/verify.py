@@ -1,6 +1,7 @@
 """Target-side verification of a draft tree, and the (model-agnostic) acceptance rules.
 
-`TargetSession` holds the target's KV cache over the committed context (fused path or a DynamicCache). A verification is one forward over
+`TargetSession` holds the target's KV cache (the fused path's buffers or a DynamicCache) over the committed
+context. A verification is one forward over
 
     pending tokens p_0 .. p_{m-1}   (committed, not yet fed to the target: the last round's bonus token and the
                                      tokens the constraint forced after it; the prompt's last token in round 1)
@@ -52,7 +53,6 @@ from padrec.decoding.autoregressive import (
     apply_logits_processing,
     sample_from_logprobs,
 )
-from padrec.models.fast_target import keep_in_buffers
 from padrec.speculative.kv import (
     additive_mask,
     cache_length,
@@ -147,16 +147,7 @@ class TargetSession:
 
     def keep_columns(self, columns: Sequence[int]) -> None:
         """Keep only these cache columns (strictly increasing), e.g. the prompt and the ancestors of live beams."""
-        if self.fast:
-            cols = [int(c) for c in columns]
-            if any(b <= a for a, b in zip(cols, cols[1:])) or (cols and cols[0] < 0):
-                raise PadrecError("keep_positions needs strictly increasing, non-negative positions")
-            start = 0
-            while start < len(cols) and cols[start] == start:
-                start += 1
-            keep_in_buffers(self.cache, start, cols[start:])
-        else:
-            keep_positions(self.cache, columns)
+        keep_positions(self.cache, columns)
         self.length = len(columns)
         self._last = None
 
@@ -172,10 +163,7 @@ class TargetSession:
             raise PadrecError(f"keep(): path {path} outside the {n} verified nodes")
         if any(b <= a for a, b in zip(path, path[1:])):
             raise PadrecError("keep_positions needs strictly increasing, non-negative positions")
-        if self.fast:
-            keep_in_buffers(self.cache, base, [base + j for j in path])
-        else:
-            keep_prefix_and(self.cache, base, [base + j for j in path])
+        keep_prefix_and(self.cache, base, [base + j for j in path])
         self.length = base + len(path)
         self._last = None
 
