@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
+
+from padrec.speculative.calibration import RANKS, AcceptanceModel
 
 
 def perturb(model, seed: int, scale: float = 0.3):
@@ -95,3 +99,18 @@ class RandomLogitsDraft:
     @property
     def vocab_size(self):
         return self._vocab
+
+
+def random_acceptance(levels: int, seed: int) -> AcceptanceModel:
+    """A valid table with random edges and rank probabilities (for property tests of calibrated trees)."""
+    rng = random.Random(seed)
+    edges, probs = [], []
+    for _ in range(levels):
+        cuts = sorted(rng.uniform(0, 2) for _ in range(rng.randint(0, 3)))
+        rows = []
+        for _ in range(len(cuts) + 1):
+            w = [rng.random() for _ in range(RANKS + 1)]
+            rows.append([x / sum(w) for x in w[:RANKS]])
+        edges.append(cuts)
+        probs.append(rows)
+    return AcceptanceModel(levels=levels, edges=edges, probs=probs, samples=[0] * levels)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import FeatureRecordingDraft, RandomLogitsDraft, perturb
+from helpers import FeatureRecordingDraft, RandomLogitsDraft, perturb, random_acceptance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -78,7 +78,7 @@ def feature_draft(target, levels: int | None):
 
 
 def make_drafts(vocab_size: int, target, levels: int = 2):
-    return {
+    drafts = {
         "target": ModelDraft(target),
         "small-lm": ModelDraft(tiny_model(vocab_size, 100, hidden=16, layers=1)),
         "random": RandomLogitsDraft(vocab_size, seed=7),
@@ -86,6 +86,9 @@ def make_drafts(vocab_size: int, target, levels: int = 2):
         "eagle": feature_draft(target, None),
         "padrec": feature_draft(target, levels),
     }
+    for i, draft in enumerate(drafts.values()):  # for calibrated trees (draft-scored trees ignore it)
+        draft.acceptance = random_acceptance(levels, i)
+    return drafts
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -120,6 +123,9 @@ def requests(draw):
 tree_shapes = st.one_of(
     st.builds(TreeConfig.chain, st.integers(1, 5)),
     st.builds(TreeConfig, st.just("tree"), st.integers(1, 5), st.integers(1, 4), st.integers(1, 20)),
+    # scored by a (random) acceptance table instead of the draft's log-probs: only the shape may change
+    st.builds(TreeConfig, st.just("tree"), st.integers(1, 5), st.integers(1, 4), st.integers(1, 20),
+              st.just("calibrated")),
 )
 
 

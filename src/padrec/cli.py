@@ -207,6 +207,39 @@ def cmd_train_draft(a) -> None:
     console.print(f"saved to {out['path']}")
 
 
+def cmd_calibrate(a) -> None:
+    import torch
+
+    from padrec.drafts.registry import load_draft
+    from padrec.run import Run
+    from padrec.speculative.calibration import calibrate_draft
+    from padrec.ui import console, table
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run(a.run)
+    draft = load_draft(run, a.draft)
+    model = calibrate_draft(run, a.draft, draft, run.load_target(), users=a.users, depth=a.depth)
+    rows = [{"slot": s, "nodes": model.samples[s], "margin cuts": ", ".join(f"{c:.2f}" for c in model.edges[s]),
+             "P(top-1 taken) per bucket": ", ".join(f"{b[0]:.2f}" for b in model.probs[s]),
+             "P(top-2 taken) per bucket": ", ".join(f"{b[1]:.2f}" for b in model.probs[s])}
+            for s in range(model.levels)]
+    console.print(table(rows, title=f"acceptance of draft {a.draft!r} by item slot and draft margin bucket"))
+
+
+def _ensure_acceptance(run, drafts: dict, trees, device: str) -> None:
+    """Calibrated trees need each draft's acceptance table: fit the missing ones now, before any timing."""
+    from padrec.speculative.calibration import calibrate_draft
+
+    if not any(t.score == "calibrated" for t in trees):
+        return
+    target = None
+    for name, draft in drafts.items():
+        if draft.acceptance is None:
+            target = target or run.load_target(device)
+            calibrate_draft(run, name, draft, target)
+
+
 def cmd_bench(a) -> None:
     import torch
 
@@ -225,6 +258,7 @@ def cmd_bench(a) -> None:
         return _bench_beam(a, run, drafts)
     cfg = BenchConfig(users=a.users, warmup=a.warmup, n_items=a.n_items, trees=_tree_configs(a),
                       naive_ar=not a.no_naive, hf_generate=not a.no_hf, device=a.device)
+    _ensure_acceptance(run, drafts, cfg.trees, a.device)
     result = run_bench(run, drafts, cfg)
     result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
     out = Path(a.out) if a.out else run.results_dir / "bench.json"
@@ -355,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_draft)
 
+    p = sub.add_parser("calibrate", help="fit a draft's acceptance table (slot x margin), for calibrated trees")
+    p.add_argument("--run", required=True)
+    p.add_argument("--draft", default="eagle")
+    p.add_argument("--users", type=int, default=60, help="validation users to decode")
+    p.add_argument("--depth", type=int, default=8, help="chain length used while collecting")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("bench", help="batch-1 latency: autoregressive vs speculative decoding, pair by pair")
     p.add_argument("--run", required=True)
     p.add_argument("--drafts", default="eagle", help="comma-separated draft names of the run")
@@ -362,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--n-items", type=int, default=10)
     p.add_argument("--chain", default="4", help="comma-separated chain lengths γ")
-    p.add_argument("--tree", default="5,4,24", help="DEPTH,TOPK,TOTAL; several separated by ';'")
+    p.add_argument("--tree", default="5,4,24",
+                   help="DEPTH,TOPK,TOTAL[,cal]; several separated by ';' (cal: scored by calibrated acceptance)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive AR decoder (a call per token)")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default=None, help="JSON path (default DIR/results/bench.json)")

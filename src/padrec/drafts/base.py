@@ -52,6 +52,8 @@ class Draft(ABC):
 
     uses_target_features: bool = False
     name: str = "draft"
+    # the draft's `AcceptanceModel` (speculative/calibration.py) when one was fitted: calibrated trees need it
+    acceptance = None
 
     @abstractmethod
     def new_session(self) -> DraftSession:

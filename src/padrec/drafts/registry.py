@@ -167,13 +167,18 @@ def load_draft_model(run, name: str):
 
 def load_draft(run, name: str, device: str | None = None):
     """A ready-to-use `Draft` for the run's target (on `device`, default where it was loaded: the CPU)."""
+    from padrec.speculative.calibration import load_acceptance
+
     model, meta = load_draft_model(run, name)
     if device is not None:
         model = model.to(device)
     if meta["kind"] in FEATURE_KINDS:
         from padrec.drafts.eagle import EagleDraft
 
-        return EagleDraft(model, name=name)
-    from padrec.drafts.lm_draft import make_lm_draft
+        draft = EagleDraft(model, name=name)
+    else:
+        from padrec.drafts.lm_draft import make_lm_draft
 
-    return make_lm_draft(model, name=name)
+        draft = make_lm_draft(model, name=name)
+    draft.acceptance = load_acceptance(draft_dir(run, name), meta)
+    return draft

@@ -72,10 +72,6 @@ def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationCo
     return out[0, n_prompt:].tolist()
 
 
-def _tree_label(t: TreeConfig) -> str:
-    return f"chain{t.depth}" if t.kind == "chain" else f"tree{t.depth}x{t.top_k}/{t.total_tokens}"
-
-
 def display_rows(rows: list[dict]) -> list[dict]:
     """Bench rows as a narrow table: rounded, and without the per-depth/per-slot lists (they go to the plot)."""
     def r(x, nd):
@@ -111,7 +107,7 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
     for dname, draft in drafts.items():
         for tree in cfg.trees:
             spec = SpecConfig(tree=tree)
-            decoders.append((f"sd {_tree_label(tree)}", dname,
+            decoders.append((f"sd {tree.label}", dname,
                              lambda p, d=draft, s=spec: speculative_generate(model, d, p, trie, gen_cfg, s)))
 
     times = {i: [] for i in range(len(decoders))}

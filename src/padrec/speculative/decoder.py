@@ -162,7 +162,8 @@ def speculative_generate(
                 return session.propose(parents, tokens, [d + _o for d in depths])
 
             remaining = total - n_gen()
-            tree: DraftTree = build_tree(droot, cons, cfg, spec.tree, propose, max_depth=remaining)
+            tree: DraftTree = build_tree(droot, cons, cfg, spec.tree, propose, max_depth=remaining,
+                                         acceptance=getattr(draft, "acceptance", None))
             draft_calls += tree.propose_calls
             draft_time += time.perf_counter() - t0
 

@@ -33,6 +33,7 @@ from padrec.speculative.kv import ancestor_matrix
 __all__ = ["TreeConfig", "DraftTree", "build_tree"]
 
 TREE_KINDS = ("tree", "chain")
+TREE_SCORES = ("draft", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,15 @@ class TreeConfig:
     depth: int = 5
     top_k: int = 4  # branching: nodes expanded per level and children per expanded node
     total_tokens: int = 24  # node budget of the final tree
+    # how candidates are scored for expansion and the budget: "draft" (the draft's log-prob, EAGLE-2) or
+    # "calibrated" (log P(the target accepts it) from the draft's `AcceptanceModel`, see speculative/calibration.py)
+    score: str = "draft"
 
     def __post_init__(self):
         if self.kind not in TREE_KINDS:
             raise PadrecError(f"unknown tree kind {self.kind!r}: expected one of {TREE_KINDS}")
+        if self.score not in TREE_SCORES:
+            raise PadrecError(f"unknown tree score {self.score!r}: expected one of {TREE_SCORES}")
         if self.depth < 1:
             raise PadrecError(f"tree depth must be >= 1, got {self.depth}")
         if self.kind == "tree" and (self.top_k < 1 or self.total_tokens < 1):
@@ -56,15 +62,27 @@ class TreeConfig:
 
     @classmethod
     def parse_list(cls, chains: str | None, trees: str | None) -> list["TreeConfig"]:
-        """Command-line shapes: chains "3,5" (γ values), trees "5,4,24;6,6,32" (DEPTH,TOPK,TOTAL each)."""
+        """Command-line shapes: chains "3,5" (γ values), trees "5,4,24;6,6,32" (DEPTH,TOPK,TOTAL each; a fourth
+        field "cal" scores the tree by calibrated acceptance: "10,2,14,cal")."""
         out = [cls.chain(int(g)) for g in (chains or "").split(",") if g.strip()]
         for spec in filter(None, (trees or "").split(";")):
+            fields = [x.strip() for x in spec.split(",")]
+            score = "draft"
+            if len(fields) == 4 and fields[3] == "cal":
+                score = "calibrated"
+                fields = fields[:3]
             try:
-                depth, top_k, total = (int(x) for x in spec.split(","))
+                depth, top_k, total = (int(x) for x in fields)
             except ValueError as e:
-                raise PadrecError(f"a tree is DEPTH,TOPK,TOTAL (three integers), got {spec!r}") from e
-            out.append(cls(kind="tree", depth=depth, top_k=top_k, total_tokens=total))
+                raise PadrecError(f"a tree is DEPTH,TOPK,TOTAL[,cal] (three integers), got {spec!r}") from e
+            out.append(cls(kind="tree", depth=depth, top_k=top_k, total_tokens=total, score=score))
         return out
+
+    @property
+    def label(self) -> str:
+        if self.kind == "chain":
+            return f"chain{self.depth}"
+        return f"tree{self.depth}x{self.top_k}/{self.total_tokens}" + ("cal" if self.score == "calibrated" else "")
 
     @property
     def branching(self) -> int:
@@ -135,14 +153,19 @@ def build_tree(
     tree_cfg: TreeConfig,
     propose: ProposeFn,
     max_depth: int | None = None,
+    acceptance=None,
 ) -> DraftTree:
     """Build a draft tree below the last committed token.
 
     `root_logits` [V]: the draft's next-token logits after the last committed token; `constraint`: the list state
     there (not modified); `propose(parents, tokens, depths)`: the draft session's propose, with tree-local parent
     indices (-1 = root; k = the k-th node proposed in this build); `max_depth`: cap on the depth (the tokens the list
-    still needs). Calls `propose` once per level that is expanded (at most depth - 1 times).
+    still needs); `acceptance`: the draft's `AcceptanceModel`, required by a calibrated tree. Calls `propose` once per
+    level that is expanded (at most depth - 1 times).
     """
+    calibrated = tree_cfg.score == "calibrated" and tree_cfg.branching > 1  # a chain's shape needs no scores
+    if calibrated and acceptance is None:
+        raise PadrecError("a calibrated tree needs the draft's acceptance table: run `padrec calibrate` first")
     depth = min(tree_cfg.depth, tree_cfg.budget)  # a node at depth d needs d nodes of the budget
     if max_depth is not None:
         depth = min(depth, max_depth)
@@ -180,6 +203,10 @@ def build_tree(
             # best first, ties to the smaller token: a reverse sort is stable, so this is sorted(key=(-value,
             # token)) without a Python key function per allowed token
             best = [(i, vals[i]) for i in sorted(range(len(vals)), key=vals.__getitem__, reverse=True)[:k]]
+            if calibrated and len(toks) > 1:  # same candidates and order, scored by estimated acceptance
+                margin = best[0][1] - best[1][1] if len(best) > 1 else math.inf
+                scores = acceptance.rank_logprobs(cons.position, margin, len(best))
+                best = [(i, s if v > -math.inf else v) for (i, v), s in zip(best, scores)]
         c_q[cand] = (toks, lp)
         kids = c_children.setdefault(cand, [])
         for i, val in best:
