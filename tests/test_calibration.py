@@ -68,13 +68,16 @@ def test_files_round_trip_and_refuse_bad_content(tmp_path):
 
 
 def test_tree_specs_parse_with_cal():
-    trees = TreeConfig.parse_list("4", "10,2,14,cal;5,4,24")
-    assert [t.label for t in trees] == ["chain4", "tree10x2/14cal", "tree5x4/24"]
-    assert trees[1].score == "calibrated" and trees[2].score == "draft"
-    with pytest.raises(PadrecError):
-        TreeConfig.parse_list(None, "10,2,14,xyz")
+    trees = TreeConfig.parse_list("4", "10,2,14,cal;5,4,24;16,1,16,cal@0.3")
+    assert [t.label for t in trees] == ["chain4", "tree10x2/14cal", "tree5x4/24", "tree16x1/16cal@0.3"]
+    assert trees[1].score == "calibrated" and trees[2].score == "draft" and trees[3].min_accept == 0.3
+    for bad in ("10,2,14,xyz", "10,2,14,cal0.3", "10,2,14,cal@x", "10,2,14,cal@1.5"):
+        with pytest.raises(PadrecError):
+            TreeConfig.parse_list(None, bad)
     with pytest.raises(PadrecError):
         TreeConfig(score="confidence")
+    with pytest.raises(PadrecError):
+        TreeConfig(min_accept=0.2)  # a threshold on draft log-probs would mean nothing
 
 
 def test_calibrated_tree_keeps_candidates_and_order_and_scores_by_the_table():
@@ -107,3 +110,34 @@ def test_calibrated_tree_keeps_candidates_and_order_and_scores_by_the_table():
         assert p < 0 or cal.scores[j] <= cal.scores[p]
     with pytest.raises(PadrecError, match="calibrate"):
         build_tree(root, cons, cfg, TreeConfig(depth=4, top_k=3, total_tokens=40, score="calibrated"), propose_fn())
+
+
+def test_min_accept_cuts_levels_and_nodes_below_the_threshold():
+    from padrec.decoding.autoregressive import make_constraint
+
+    vocab = SIDVocab((4, 4), "per_level")
+    trie = ItemTrie([vocab.item_tokens((a, b)) for a in range(4) for b in range(4)])
+    cfg = GenerationConfig(n_items=3)
+    cons = make_constraint(trie, [1], cfg, None)
+    # every non-forced node: the top candidate is taken with probability 0.5, the second with 0.25
+    acc = AcceptanceModel(levels=2, edges=[[], []], probs=[[[0.5, 0.25, 0.1, 0.05]]] * 2, samples=[1, 1])
+    calls = []
+
+    def propose(parents, tokens, depths):
+        calls.append(len(tokens))
+        return torch.zeros(len(tokens), vocab.size)
+
+    def build(min_accept, top_k=1):
+        calls.clear()
+        shape = TreeConfig(depth=6, top_k=top_k, total_tokens=6 * top_k, score="calibrated", min_accept=min_accept)
+        return build_tree(torch.zeros(vocab.size), cons, cfg, shape, propose, acceptance=acc)
+
+    full = build(0.0)
+    assert len(full) == 6 and len(calls) == 5  # a full chain: level 1, 2 (0.5, 0.25), SEP (forced, 0.25), ...
+    cut = build(0.2)  # keeps 0.5, 0.25, 0.25 (SEP is free), stops before 0.125
+    assert [round(math.exp(s), 3) for s in cut.scores] == [0.5, 0.25, 0.25]
+    assert len(calls) == 2  # SEP's children (a new item: at best 0.25 * 0.5) are not even drafted
+    single = build(0.6)  # nothing reaches 0.6: the best node is kept anyway, nothing is expanded
+    assert len(single) == 1 and calls == []
+    wide = build(0.2, top_k=2)
+    assert min(math.exp(s) for s in wide.scores) >= 0.2 - 1e-12

@@ -57,6 +57,12 @@ class AcceptanceModel:
         rest = max(1.0 - sum(p), _FLOOR)
         return [math.log(max(p[r] if r < len(p) else rest / (4 * (r - len(p) + 1)), _FLOOR)) for r in range(n)]
 
+    def best_logprob(self, slot: int) -> float:
+        """The highest log-probability `rank_logprobs` can give at `slot` (an upper bound before the margin is
+        known: lets a tree skip a draft step whose children could not pass its threshold)."""
+        slot = min(max(slot, 0), self.levels - 1)
+        return math.log(max(max(max(row[0] for row in self.probs[slot]), _FLOOR), _FLOOR))
+
     def top_accept(self) -> list[float]:
         """Mean probability that the draft's top candidate is taken, per slot (for reports)."""
         out = []

@@ -14,6 +14,12 @@ Finally the `total_tokens` best nodes by cumulative log-prob are kept. Ties brea
 child's cumulative score never exceeds its parent's (log-probs are <= 0), so the kept set is ancestor-closed.
 A chain is the same with top_k = 1 and a budget of `depth` nodes.
 
+With `score="calibrated"` a candidate's score is instead log P(the target takes it), from the draft's
+`AcceptanceModel` (by item slot, the draft's margin at the node and the candidate's rank; see
+speculative/calibration.py): the candidates and their order are still the draft's top-k, only which of them are
+expanded and kept changes. `min_accept` then also stops the tree where the estimated acceptance of a whole path
+falls below it (at least one node is always kept).
+
 Children of a node are listed in draft proposal order: descending draft log-prob, ties to the smaller token id.
 """
 
@@ -45,12 +51,18 @@ class TreeConfig:
     # how candidates are scored for expansion and the budget: "draft" (the draft's log-prob, EAGLE-2) or
     # "calibrated" (log P(the target accepts it) from the draft's `AcceptanceModel`, see speculative/calibration.py)
     score: str = "draft"
+    # calibrated trees only: grow no level, and keep no node, whose estimated acceptance probability is below this.
+    # A node is worth its draft step and verified token only if it adds enough expected accepted tokens (on a CPU,
+    # roughly tau * its cost / a round's cost, ~0.2-0.4), so the tree is deep when the draft is sure, shallow not
+    min_accept: float = 0.0
 
     def __post_init__(self):
         if self.kind not in TREE_KINDS:
             raise PadrecError(f"unknown tree kind {self.kind!r}: expected one of {TREE_KINDS}")
         if self.score not in TREE_SCORES:
             raise PadrecError(f"unknown tree score {self.score!r}: expected one of {TREE_SCORES}")
+        if not 0.0 <= self.min_accept < 1.0 or (self.min_accept and self.score != "calibrated"):
+            raise PadrecError(f"min_accept must be in [0, 1) and needs a calibrated tree, got {self.min_accept}")
         if self.depth < 1:
             raise PadrecError(f"tree depth must be >= 1, got {self.depth}")
         if self.kind == "tree" and (self.top_k < 1 or self.total_tokens < 1):
@@ -63,26 +75,33 @@ class TreeConfig:
     @classmethod
     def parse_list(cls, chains: str | None, trees: str | None) -> list["TreeConfig"]:
         """Command-line shapes: chains "3,5" (γ values), trees "5,4,24;6,6,32" (DEPTH,TOPK,TOTAL each; a fourth
-        field "cal" scores the tree by calibrated acceptance: "10,2,14,cal")."""
+        field "cal" scores the tree by calibrated acceptance, "cal@P" also drops what is accepted with probability
+        below P: "10,2,14,cal", "16,1,16,cal@0.3")."""
         out = [cls.chain(int(g)) for g in (chains or "").split(",") if g.strip()]
         for spec in filter(None, (trees or "").split(";")):
             fields = [x.strip() for x in spec.split(",")]
-            score = "draft"
-            if len(fields) == 4 and fields[3] == "cal":
-                score = "calibrated"
-                fields = fields[:3]
+            score, min_accept = "draft", 0.0
             try:
+                if len(fields) == 4 and fields[3].startswith("cal"):
+                    score = "calibrated"
+                    rest = fields.pop()[3:]
+                    if rest:
+                        if not rest.startswith("@"):
+                            raise ValueError(rest)
+                        min_accept = float(rest[1:])
                 depth, top_k, total = (int(x) for x in fields)
             except ValueError as e:
-                raise PadrecError(f"a tree is DEPTH,TOPK,TOTAL[,cal] (three integers), got {spec!r}") from e
-            out.append(cls(kind="tree", depth=depth, top_k=top_k, total_tokens=total, score=score))
+                raise PadrecError(f"a tree is DEPTH,TOPK,TOTAL[,cal[@P]] (three integers), got {spec!r}") from e
+            out.append(cls(kind="tree", depth=depth, top_k=top_k, total_tokens=total, score=score,
+                           min_accept=min_accept))
         return out
 
     @property
     def label(self) -> str:
         if self.kind == "chain":
             return f"chain{self.depth}"
-        return f"tree{self.depth}x{self.top_k}/{self.total_tokens}" + ("cal" if self.score == "calibrated" else "")
+        cal = "" if self.score != "calibrated" else "cal" + (f"@{self.min_accept:g}" if self.min_accept else "")
+        return f"tree{self.depth}x{self.top_k}/{self.total_tokens}{cal}"
 
     @property
     def branching(self) -> int:
@@ -163,9 +182,10 @@ def build_tree(
     still needs); `acceptance`: the draft's `AcceptanceModel`, required by a calibrated tree. Calls `propose` once per
     level that is expanded (at most depth - 1 times).
     """
-    calibrated = tree_cfg.score == "calibrated" and tree_cfg.branching > 1  # a chain's shape needs no scores
+    calibrated = tree_cfg.score == "calibrated"
     if calibrated and acceptance is None:
         raise PadrecError("a calibrated tree needs the draft's acceptance table: run `padrec calibrate` first")
+    floor = math.log(tree_cfg.min_accept) if tree_cfg.min_accept > 0 else -math.inf
     depth = min(tree_cfg.depth, tree_cfg.budget)  # a node at depth d needs d nodes of the budget
     if max_depth is not None:
         depth = min(depth, max_depth)
@@ -197,16 +217,21 @@ def build_tree(
             toks, lp = _node_distribution(logits_row, cons, cfg, to_cpu=False)
             i = int(lp.argmax())
             best = [(i, float(lp[i]))]
+            if calibrated and len(toks) > 1:
+                top2 = torch.topk(lp, 2).values
+                margin = float(top2[0] - top2[1])
         else:
             toks, lp = _node_distribution(logits_row, cons, cfg)
             vals = lp.tolist()
             # best first, ties to the smaller token: a reverse sort is stable, so this is sorted(key=(-value,
             # token)) without a Python key function per allowed token
-            best = [(i, vals[i]) for i in sorted(range(len(vals)), key=vals.__getitem__, reverse=True)[:k]]
-            if calibrated and len(toks) > 1:  # same candidates and order, scored by estimated acceptance
-                margin = best[0][1] - best[1][1] if len(best) > 1 else math.inf
-                scores = acceptance.rank_logprobs(cons.position, margin, len(best))
-                best = [(i, s if v > -math.inf else v) for (i, v), s in zip(best, scores)]
+            order = sorted(range(len(vals)), key=vals.__getitem__, reverse=True)
+            best = [(i, vals[i]) for i in order[:k]]
+            if len(order) > 1:
+                margin = vals[order[0]] - vals[order[1]]
+        if calibrated and len(toks) > 1:  # the same candidates and order, scored by estimated acceptance
+            scores = acceptance.rank_logprobs(cons.position, margin, len(best))
+            best = [(i, s if v > -math.inf else v) for (i, v), s in zip(best, scores)]
         c_q[cand] = (toks, lp)
         kids = c_children.setdefault(cand, [])
         for i, val in best:
@@ -219,12 +244,17 @@ def build_tree(
             c_score.append(base + val)
             c_cons.append(None)
 
+    def child_bound(cons: ListConstraint) -> float:
+        return 0.0 if len(cons.allowed_with_tensor()[0]) == 1 else acceptance.best_logprob(cons.position)
+
     expand(-1, root_logits, constraint, 0.0, 0)
     proposed: dict[int, int] = {}  # candidate -> index in the draft session's speculative nodes
     level = [c for c in range(len(c_tok))]
     calls = 0
     for d in range(1, depth):
-        sel = sorted(level, key=lambda c: (-c_score[c], c))[:k]
+        sel = [c for c in sorted(level, key=lambda c: (-c_score[c], c))[:k] if c_score[c] >= floor]
+        if floor > -math.inf:  # skip a draft step none of whose children could pass the threshold
+            sel = [c for c in sel if c_score[c] + child_bound(cons_of(c)) >= floor]
         if not sel:
             break
         base_idx = len(proposed)
@@ -239,7 +269,8 @@ def build_tree(
             expand(c, logits[j], cons_of(c), c_score[c], d)
         level = list(range(start, len(c_tok)))
 
-    keep = sorted(range(len(c_tok)), key=lambda c: (-c_score[c], c_depth[c], c))[: tree_cfg.budget]
+    ranked = sorted(range(len(c_tok)), key=lambda c: (-c_score[c], c_depth[c], c))
+    keep = [c for c in ranked[: tree_cfg.budget] if c_score[c] >= floor] or ranked[:1]  # at least one node
     keep.sort(key=lambda c: (c_depth[c], c))
     index = {c: i for i, c in enumerate(keep)}
     tree = DraftTree(root=constraint.copy(), propose_calls=calls)
