@@ -10,7 +10,7 @@ export PYTHONPATH="$(dirname "$0")/../src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBU
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-TREES="5,4,24;8,2,12,cal;12,4,32,cal;16,4,48,cal;20,4,64,cal;16,8,64,cal;24,6,96,cal"
+TREES="5,4,24;8,2,12,cal;12,2,16,cal;12,3,24,cal;12,4,32,cal;16,4,48,cal;16,4,48,cal@0.1"
 echo "== list-wise greedy, 10 items: AR vs HF generate vs SD chains, draft-scored and calibrated trees (cuda)"
 python3 -m padrec bench --run "$RUN" --drafts eagle --device cuda --users "$USERS" --warmup 10 --no-naive \
     --chain 6,8,10 --tree "$TREES" --out "$OUT_DIR/bench_list_cuda.json" 2>&1 | tr '\r' '\n' | grep -v "bench users"

@@ -247,7 +247,10 @@ def build_tree(
     def child_bound(cons: ListConstraint) -> float:
         return 0.0 if len(cons.allowed_with_tensor()[0]) == 1 else acceptance.best_logprob(cons.position)
 
-    expand(-1, root_logits, constraint, 0.0, 0)
+    # a node's processing is a handful of tiny ops over at most a codebook of logits: on a GPU, one copy of a
+    # level's logits to the host beats a device round trip per node
+    host = torch.device("cpu")
+    expand(-1, root_logits.to(host), constraint, 0.0, 0)
     proposed: dict[int, int] = {}  # candidate -> index in the draft session's speculative nodes
     level = [c for c in range(len(c_tok))]
     calls = 0
@@ -262,7 +265,7 @@ def build_tree(
             proposed[c] = base_idx + j
         logits = propose(
             [-1 if c_parent[c] < 0 else proposed[c_parent[c]] for c in sel], [c_tok[c] for c in sel], [d] * len(sel)
-        )
+        ).to(host)
         calls += 1
         start = len(c_tok)
         for j, c in enumerate(sel):
