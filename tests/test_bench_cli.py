@@ -31,6 +31,7 @@ def test_train_drafts_and_bench(synth_env, trained_run, tmp_path, capsys):
         assert 1.0 <= r["tau"] <= 3 * 4
         assert all(x is None or 0.0 <= x <= 1.0 for x in r["accept_by_depth"] + r["accept_by_slot"])
     assert out.with_suffix(".png").is_file()
+    assert result["command"].startswith("padrec bench --run ")
 
     # recommend --decoder sd writes the same lists as the autoregressive decoder, plus τ
     ar_out, sd_out = tmp_path / "ar.jsonl", tmp_path / "sd.jsonl"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -260,7 +261,8 @@ def cmd_bench(a) -> None:
                       naive_ar=not a.no_naive, hf_generate=not a.no_hf, device=a.device)
     _ensure_acceptance(run, drafts, cfg.trees, a.device)
     result = run_bench(run, drafts, cfg)
-    result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
+    result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description(),
+                  command=a.command_line)
     out = Path(a.out) if a.out else run.results_dir / "bench.json"
     atomic_write_text(out, json.dumps(result, indent=2))
     shown = display_rows(result["rows"])
@@ -286,7 +288,8 @@ def _bench_beam(a, run, drafts) -> None:
                           gammas=ints(a.gamma), modes=modes,
                           temperatures=[float(x) for x in a.relaxed_temperature.split(",") if x], device=a.device)
     result = run_beam_bench(run, drafts, cfg)
-    result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description())
+    result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description(),
+                  command=a.command_line)
     out = Path(a.out) if a.out else run.results_dir / "bench_beam.json"
     atomic_write_text(out, json.dumps(result, indent=2))
     console.print(table(display_beam_rows(result["rows"]),
@@ -464,6 +467,8 @@ def _join_process_group(cmd: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # what produced a result file: recorded in the JSON that bench writes
+    args.command_line = "padrec " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         grouped = _join_process_group(args.cmd)
         args.func(args)
