@@ -14,6 +14,8 @@ def test_demo_quick_runs_every_step(synth_env, tmp_path, capsys):
     assert modes == ["beam", "list"]
     decoders = [r["decoder"] for r in summary["bench"]["rows"]]
     assert decoders[0] == "ar" and any(d.startswith("sd") for d in decoders)
+    assert "sd tree8x2/12cal" in decoders  # the drafts were calibrated first
+    assert all((out / "drafts" / name / "acceptance.json").is_file() for name in ("eagle", "padrec"))
     assert {r["draft"] for r in summary["bench"]["rows"]} == {"-", "eagle", "padrec"}
     assert all(r["identical_to_ar"] in ("ref", f"{summary['bench']['users']}/{summary['bench']['users']}")
                for r in summary["bench"]["rows"])

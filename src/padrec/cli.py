@@ -176,6 +176,8 @@ def cmd_recommend(a) -> None:
 def _spec_config(a):
     from padrec.speculative.decoder import SpecConfig
 
+    if a.chain is None and a.tree is None:
+        return SpecConfig()  # its default shape
     return SpecConfig(tree=_tree_configs(a)[0])
 
 
@@ -362,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default=None, help="comma-separated item ids (the dataset's own ids)")
     p.add_argument("--decoder", default="ar", choices=["ar", "sd"], help="sd: speculative decoding (list mode)")
     p.add_argument("--draft", default="eagle", help="draft name for --decoder sd")
-    p.add_argument("--chain", default=None, help="sd: chain of γ drafted tokens (instead of a tree)")
-    p.add_argument("--tree", default="5,4,24", help="sd: DEPTH,TOPK,TOTAL of the dynamic tree")
+    p.add_argument("--chain", default=None, help="sd: chain of γ drafted tokens (default: 8, unless --tree)")
+    p.add_argument("--tree", default=None, help="sd: DEPTH,TOPK,TOTAL[,cal[@P]] of a dynamic tree instead")
     _rank_args(p, "beam")
     p.set_defaults(func=cmd_recommend)
 
