@@ -141,3 +141,12 @@ def test_min_accept_cuts_levels_and_nodes_below_the_threshold():
     assert len(single) == 1 and calls == []
     wide = build(0.2, top_k=2)
     assert min(math.exp(s) for s in wide.scores) >= 0.2 - 1e-12
+
+
+def test_best_logprob_bounds_every_rank_and_margin():
+    for seed in range(20):
+        model = random_acceptance(3, seed)  # random tables: rank 1 may well beat rank 0
+        for slot in range(3):
+            bound = model.best_logprob(slot)
+            for margin in (0.0, 0.1, 0.5, 1.0, 1.5, 3.0, math.inf):
+                assert max(model.rank_logprobs(slot, margin, 8)) <= bound + 1e-12

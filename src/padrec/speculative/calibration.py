@@ -8,7 +8,7 @@ draft probability therefore spends its budget on second-choice items near the ro
 a plain chain.
 
 What does predict acceptance is the item slot and the draft's *margin* (log-prob of its best candidate minus its
-second best): on the deep Beauty target, slot-0 acceptance of the top candidate rises from 0.54 to 0.96 across the
+second best): on the deep Beauty target, slot-0 acceptance of the top candidate rises from 0.60 to 0.97 across the
 margin quartiles, and the second candidate takes most of the rest. `AcceptanceModel` is that table:
 P(target's choice = the draft's rank-r candidate | slot, margin bucket), fitted on validation users by running
 chain speculation and recording, at every node the verification walked through, the rank the target's choice had
@@ -54,14 +54,15 @@ class AcceptanceModel:
         slot = min(max(slot, 0), self.levels - 1)
         bucket = sum(margin > e for e in self.edges[slot])
         p = self.probs[slot][bucket]
-        rest = max(1.0 - sum(p), _FLOOR)
-        return [math.log(max(p[r] if r < len(p) else rest / (4 * (r - len(p) + 1)), _FLOOR)) for r in range(n)]
+        return [math.log(max(p[r] if r < len(p) else _deeper_rank(p, r), _FLOOR)) for r in range(n)]
 
     def best_logprob(self, slot: int) -> float:
-        """The highest log-probability `rank_logprobs` can give at `slot` (an upper bound before the margin is
-        known: lets a tree skip a draft step whose children could not pass its threshold)."""
+        """The highest log-probability `rank_logprobs` can give at `slot`, over every margin and rank (an upper
+        bound before the margin is known: lets a tree skip a draft step whose children could not pass its
+        threshold). Not always rank 0's: a draft can be systematically wrong in a way the table records."""
         slot = min(max(slot, 0), self.levels - 1)
-        return math.log(max(max(max(row[0] for row in self.probs[slot]), _FLOOR), _FLOOR))
+        best = max(max(max(p), _deeper_rank(p, len(p))) for p in self.probs[slot])
+        return math.log(max(best, _FLOOR))
 
     def top_accept(self) -> list[float]:
         """Mean probability that the draft's top candidate is taken, per slot (for reports)."""
@@ -104,6 +105,11 @@ class AcceptanceModel:
             raise PadrecError(f"acceptance table {path} was fitted for other draft weights (retrained draft?); "
                               f"refit it with `padrec calibrate`")
         return m
+
+
+def _deeper_rank(p: list[float], r: int) -> float:
+    """P(rank r) for a rank beyond the table (r >= len(p)): the leftover mass, spread thinner with depth."""
+    return max(1.0 - sum(p), _FLOOR) / (4 * (r - len(p) + 1))
 
 
 def load_acceptance(draft_path: Path, meta: dict) -> AcceptanceModel | None:
