@@ -70,20 +70,31 @@ def test_session_slots_equal_training_slots():
             seen.append((slots[0].tolist(), position_ids[0].tolist()))
             return super().extra(h, slots, depths, position_ids)
 
+        def _record(self, slots, depths):
+            if all(d == 0 for d in depths):  # a commit: consecutive positions after the committed ones
+                positions = list(range(self.committed, self.committed + len(slots)))
+                self.committed += len(slots)
+            else:
+                positions = [self.committed - 1 + d for d in depths]
+            seen.append((list(slots), positions))
+
         def session_extra(self):
             inner = super().session_extra()
-            model = self
 
             def apply(h, slots, depths):
-                if all(d == 0 for d in depths):  # a commit: consecutive positions after the committed ones
-                    positions = list(range(model.committed, model.committed + len(slots)))
-                    model.committed += len(slots)
-                else:
-                    positions = [model.committed - 1 + d for d in depths]
-                seen.append((list(slots), positions))
+                self._record(slots, depths)
                 return inner(h, slots, depths)
 
             return apply
+
+        def session_fuse(self, token_proj, feat_w):  # the fused path's folded fusion + module (gate on)
+            rows, inner = super().session_fuse(token_proj, feat_w)
+
+            def apply(tok, feats, slots, depths, zero_first_feature=False):
+                self._record(slots, depths)
+                return inner(tok, feats, slots, depths, zero_first_feature)
+
+            return rows, apply
 
     base = _padrec(levels=3)
     model = Recording(base.cfg, base.position.cfg)

@@ -373,6 +373,10 @@ class EagleSession(_SessionState):
         self._extra = type(model).extra is not EagleDraftModel.extra
         # a model may offer a cheaper session-time version of its hook (PAD-Rec: tables frozen per session)
         self._session_extra = model.session_extra() if self._extra and hasattr(model, "session_extra") else None
+        # ... or one that folds the base fusion and the hook together (PAD-Rec with a gate): its own token table
+        folded = model.session_fuse(w.token_proj, w.fc_feat_w) if self._extra and hasattr(model, "session_fuse") \
+            else None
+        self._fold_rows, self._fold = folded if folded is not None else (None, None)
         self._needs_slots = bool(model.needs_slots)
         self._levels = model.levels if self._needs_slots else 0
         self._neg = torch.finfo(w.dtype).min
@@ -384,8 +388,8 @@ class EagleSession(_SessionState):
             return self.w.arange[values[0] : values[0] + 1][None]
         return torch.tensor([values], dtype=torch.long, device=self.w.device)
 
-    def _token_rows(self, tokens: list[int]) -> torch.Tensor:
-        table = self.w.token_proj
+    def _token_rows(self, tokens: list[int], table: torch.Tensor | None = None) -> torch.Tensor:
+        table = self.w.token_proj if table is None else table
         if len(tokens) == 1:
             t = tokens[0]
             if not 0 <= t < table.shape[0]:
@@ -408,16 +412,19 @@ class EagleSession(_SessionState):
         feats = features if isinstance(features, torch.Tensor) else torch.as_tensor(features)
         feats = feats.to(w.device, w.dtype).reshape(n, w.d)
         C = self.n_committed
-        # nothing precedes the first token (BOS): its feature is zeroed, as in training
-        h = w.fuse(self._token_rows(toks), feats, zero_first_feature=C == 0)
         slots = self._commit_slots(toks) if self._needs_slots else None
-        if self._session_extra is not None:
-            h = self._session_extra(h, slots, [0] * n)
-        elif self._extra:
-            zeros = torch.zeros(1, n, dtype=torch.long, device=w.device)
-            positions = (self.w.arange[C : C + n] if C + n <= self.w.arange.shape[0]
-                         else torch.arange(C, C + n, device=w.device))[None]
-            h = self._call_extra(h, slots, zeros, positions)
+        # nothing precedes the first token (BOS): its feature is zeroed, as in training
+        if self._fold is not None:
+            h = self._fold(self._token_rows(toks, self._fold_rows), feats, slots, [0] * n, zero_first_feature=C == 0)
+        else:
+            h = w.fuse(self._token_rows(toks), feats, zero_first_feature=C == 0)
+            if self._session_extra is not None:
+                h = self._session_extra(h, slots, [0] * n)
+            elif self._extra:
+                zeros = torch.zeros(1, n, dtype=torch.long, device=w.device)
+                positions = (self.w.arange[C : C + n] if C + n <= self.w.arange.shape[0]
+                             else torch.arange(C, C + n, device=w.device))[None]
+                h = self._call_extra(h, slots, zeros, positions)
         x = w.rms(h, w.ln1, w.eps1)
         cos, sin = w.rope_rows(C, C + n)
         H, kvh, hd = w.heads, w.kv_heads, w.head_dim
@@ -463,12 +470,15 @@ class EagleSession(_SessionState):
                     runs.append(next_run(self._spec_run[p], toks[j]))
         C = self.n_committed
         same_depth = all(x == deps[0] for x in deps)
-        h = w.fuse(self._token_rows(toks), feats[0][None] if k == 1 else torch.stack(feats))
-        if self._extra:
-            slots = [slot_of(r, t, self._levels) for r, t in zip(runs, toks)] if track_runs else None
+        f = feats[0][None] if k == 1 else torch.stack(feats)
+        slots = [slot_of(r, t, self._levels) for r, t in zip(runs, toks)] if track_runs else None
+        if self._fold is not None:
+            h = self._fold(self._token_rows(toks, self._fold_rows), f, slots, deps)
+        else:
+            h = w.fuse(self._token_rows(toks), f)
             if self._session_extra is not None:
                 h = self._session_extra(h, slots, deps)
-            else:
+            elif self._extra:
                 h = self._call_extra(h, slots, self._long(deps), self._long([C - 1 + x for x in deps]))
         x = w.rms(h, w.ln1, w.eps1)
         if same_depth:  # one row of the table, broadcast over the nodes

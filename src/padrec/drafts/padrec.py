@@ -91,6 +91,45 @@ class PositionModule(nn.Module):
 
         return apply
 
+    @torch.no_grad()
+    def folded_inference_fn(self, token_proj: torch.Tensor, feat_w: torch.Tensor):
+        """The base draft's fusion and this module as one map, for a decoding session on the fused path; None when
+        there is no gate to fold (then `inference_fn` after the fusion is already as cheap).
+
+        The fused input is h0 = token_proj[x] + feat_w f, and the gate reads W_g (h0 + α E_slot[s]) + b_g. Both are
+        linear in (x, f, s), so one product of f with [feat_w; W_g feat_w] gives the feature's part of h and of the
+        gate together, and per-token rows [token_proj; W_g token_proj + b_g] and per-slot rows [α E_slot;
+        W_g α E_slot] add the rest: the gate costs no product of its own at inference (the same function, summed
+        in another order: float rounding apart)."""
+        cfg = self.cfg
+        if not (cfg.spe and cfg.gate):
+            return None
+        wg, bg = self.gate.weight.detach(), self.gate.bias.detach()
+        d = token_proj.shape[1]
+        both_w = torch.cat([feat_w, wg @ feat_w], 0).contiguous()  # [2d, d]
+        token_rows = torch.cat([token_proj, F.linear(token_proj, wg, bg)], 1).contiguous()  # [V, 2d]
+        slot_rows = None
+        if cfg.ipe:
+            a = (self.alpha * self.slot_embed.weight).detach()
+            slot_rows = torch.cat([a, F.linear(a, wg)], 1).contiguous()  # [slots, 2d]
+        step_rows = self.step_embed.weight.detach().clone()
+        deepest = step_rows.shape[0] - 1
+
+        def apply(tok: torch.Tensor, feats: torch.Tensor, slots: list[int] | None, depths: list[int],
+                  zero_first_feature: bool = False) -> torch.Tensor:
+            """tok: the rows of `token_rows` of the n inputs [n, 2d]; feats [n, d] -> the module's output h [n, d]."""
+            y = F.linear(feats, both_w)
+            if zero_first_feature:
+                y[0] = 0.0
+            y.add_(tok)
+            if slot_rows is not None:
+                y.add_(slot_rows[slots[0]] if len(slots) == 1 else slot_rows[slots])
+            step = step_rows[min(depths[0], deepest)] if len(depths) == 1 else step_rows[
+                [min(x, deepest) for x in depths]]
+            return torch.addcmul(y[:, :d], torch.sigmoid(y[:, d:]), step)
+
+        return token_rows, apply
+
     def forward(self, h: torch.Tensor, slots: torch.Tensor | None, depths: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.ipe:
             if slots is None:
@@ -135,6 +174,11 @@ class PadRecDraftModel(EagleDraftModel):
     def session_extra(self):
         """`extra` for a decoding session on the fused path: (h [n, d], slots, depths as int lists) -> h."""
         return self.position.inference_fn()
+
+    def session_fuse(self, token_proj: torch.Tensor, feat_w: torch.Tensor):
+        """Fusion + `extra` in one map for a session on the fused path (see `PositionModule.folded_inference_fn`):
+        (token rows table, fn(token rows, feats, slots, depths, zero_first_feature) -> h), or None."""
+        return self.position.folded_inference_fn(token_proj, feat_w)
 
     def model_config(self) -> dict:
         return {"eagle": self.cfg.to_dict(), "position": self.position.cfg.to_dict()}
