@@ -201,6 +201,26 @@ def test_fused_layout_follows_weight_updates():
     s.propose([-1, -1], [4, 5], [1, 1])
 
 
+def test_folded_padrec_module_follows_weight_updates():
+    """PAD-Rec's folded fusion (its gate inside the fusion product) is built once per weight snapshot and rebuilt
+    when the module's or the base's weights change: sessions always match the module path."""
+    model = _model("padrec", seed=2)
+    seq = _sequence(12)
+    feats = torch.randn(len(seq), D)
+    first = model.session_fuse(fast_weights(model))
+    assert first is not None and model.session_fuse(fast_weights(model)) is first  # reused while nothing changed
+    for change in (lambda: model.position.gate.weight.mul_(1.5), lambda: model.position.slot_embed.weight.add_(0.05),
+                   lambda: model.fc.weight.mul_(0.9)):
+        with torch.no_grad():
+            change()
+        assert model.session_fuse(fast_weights(model)) is not first
+        first = model.session_fuse(fast_weights(model))
+        s = Pair(model)
+        s.commit(seq, feats)
+        s.propose([-1, -1], [4, 5], [1, 1])
+        s.propose([0, 1], [6, 6], [2, 2])
+
+
 def test_rope_table_equals_the_rotary_module():
     model = _model("eagle")
     w = fast_weights(model)

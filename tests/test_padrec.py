@@ -87,8 +87,8 @@ def test_session_slots_equal_training_slots():
 
             return apply
 
-        def session_fuse(self, token_proj, feat_w):  # the fused path's folded fusion + module (gate on)
-            rows, inner = super().session_fuse(token_proj, feat_w)
+        def session_fuse(self, w):  # the fused path's folded fusion + module (gate on)
+            rows, inner = super().session_fuse(w)
 
             def apply(tok, feats, slots, depths, zero_first_feature=False):
                 self._record(slots, depths)

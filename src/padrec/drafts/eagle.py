@@ -374,8 +374,7 @@ class EagleSession(_SessionState):
         # a model may offer a cheaper session-time version of its hook (PAD-Rec: tables frozen per session)
         self._session_extra = model.session_extra() if self._extra and hasattr(model, "session_extra") else None
         # ... or one that folds the base fusion and the hook together (PAD-Rec with a gate): its own token table
-        folded = model.session_fuse(w.token_proj, w.fc_feat_w) if self._extra and hasattr(model, "session_fuse") \
-            else None
+        folded = model.session_fuse(w) if self._extra and hasattr(model, "session_fuse") else None
         self._fold_rows, self._fold = folded if folded is not None else (None, None)
         self._needs_slots = bool(model.needs_slots)
         self._levels = model.levels if self._needs_slots else 0

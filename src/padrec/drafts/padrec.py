@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from padrec.drafts.eagle import EagleConfig, EagleDraftModel
+from padrec.drafts.fast_layer import stamp_of
 
 
 @dataclass(frozen=True)
@@ -175,10 +176,17 @@ class PadRecDraftModel(EagleDraftModel):
         """`extra` for a decoding session on the fused path: (h [n, d], slots, depths as int lists) -> h."""
         return self.position.inference_fn()
 
-    def session_fuse(self, token_proj: torch.Tensor, feat_w: torch.Tensor):
+    def session_fuse(self, w):
         """Fusion + `extra` in one map for a session on the fused path (see `PositionModule.folded_inference_fn`):
-        (token rows table, fn(token rows, feats, slots, depths, zero_first_feature) -> h), or None."""
-        return self.position.folded_inference_fn(token_proj, feat_w)
+        (token rows table, fn(token rows, feats, slots, depths, zero_first_feature) -> h), or None. `w`: the base
+        draft's `FastDraftWeights`. Built once per weight snapshot (a product over the whole vocabulary costs about
+        a millisecond, as much as a decode's worth of module overhead), rebuilt when any weight changed."""
+        key = (w.stamp, stamp_of(list(self.position.parameters()) + list(self.position.buffers())))
+        hit = self.__dict__.get("_fold_cache")
+        if hit is None or hit[0] != key:
+            hit = (key, self.position.folded_inference_fn(w.token_proj, w.fc_feat_w))
+            self.__dict__["_fold_cache"] = hit
+        return hit[1]
 
     def model_config(self) -> dict:
         return {"eagle": self.cfg.to_dict(), "position": self.position.cfg.to_dict()}
