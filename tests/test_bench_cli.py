@@ -53,6 +53,10 @@ def test_train_drafts_and_bench(synth_env, trained_run, tmp_path, capsys):
     f.write_text(json.dumps({**table, "weights_sha256": "0" * 64}))
     assert main(common + ["--out", str(cal_out), "--decoder", "sd", "--draft", "eagle", "--tree", "3,2,6,cal"]) == 2
     assert "padrec calibrate" in capsys.readouterr().err
+    # ... and the remedy the message names works on it
+    assert main(["calibrate", "--run", str(run), "--draft", "eagle", "--users", "5"]) == 0
+    assert main(common + ["--out", str(cal_out), "--decoder", "sd", "--draft", "eagle", "--tree", "3,2,6,cal"]) == 0
+    assert [json.loads(x)["items"] for x in cal_out.read_text().splitlines()] == [r["items"] for r in ar_rows]
 
 
 def test_bench_refuses_unknown_draft(synth_env, trained_run, capsys):

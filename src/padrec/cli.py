@@ -221,7 +221,7 @@ def cmd_calibrate(a) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a.run)
-    draft = load_draft(run, a.draft)
+    draft = load_draft(run, a.draft, acceptance=False)  # the table is what is refitted: stale or not, unread
     model = calibrate_draft(run, a.draft, draft, run.load_target(), users=a.users, depth=a.depth)
     rows = [{"slot": s, "nodes": model.samples[s], "margin cuts": ", ".join(f"{c:.2f}" for c in model.edges[s]),
              "P(top-1 taken) per bucket": ", ".join(f"{b[0]:.2f}" for b in model.probs[s]),

@@ -165,8 +165,9 @@ def load_draft_model(run, name: str):
     return load_draft_weights(path, meta), meta
 
 
-def load_draft(run, name: str, device: str | None = None):
-    """A ready-to-use `Draft` for the run's target (on `device`, default where it was loaded: the CPU)."""
+def load_draft(run, name: str, device: str | None = None, acceptance: bool = True):
+    """A ready-to-use `Draft` for the run's target (on `device`, default where it was loaded: the CPU), with its
+    acceptance table when it has one (`acceptance=False`: without, e.g. to refit a stale one)."""
     from padrec.speculative.calibration import load_acceptance
 
     model, meta = load_draft_model(run, name)
@@ -180,5 +181,6 @@ def load_draft(run, name: str, device: str | None = None):
         from padrec.drafts.lm_draft import make_lm_draft
 
         draft = make_lm_draft(model, name=name)
-    draft.acceptance = load_acceptance(draft_dir(run, name), meta)
+    if acceptance:
+        draft.acceptance = load_acceptance(draft_dir(run, name), meta)
     return draft
