@@ -371,11 +371,12 @@ class EagleSession(_SessionState):
         self.w = w = fast_weights(model)
         self.cache = KVBuffer(w.kv_heads, w.head_dim, w.dtype, w.device)
         self._extra = type(model).extra is not EagleDraftModel.extra
-        # a model may offer a cheaper session-time version of its hook (PAD-Rec: tables frozen per session)
-        self._session_extra = model.session_extra() if self._extra and hasattr(model, "session_extra") else None
-        # ... or one that folds the base fusion and the hook together (PAD-Rec with a gate): its own token table
+        # a model may fold the base fusion and its hook into one map (PAD-Rec with a gate: its own token table) ...
         folded = model.session_fuse(w) if self._extra and hasattr(model, "session_fuse") else None
         self._fold_rows, self._fold = folded if folded is not None else (None, None)
+        # ... or offer a cheaper session-time version of the hook (PAD-Rec: tables frozen per session)
+        self._session_extra = (model.session_extra() if self._extra and self._fold is None
+                               and hasattr(model, "session_extra") else None)
         self._needs_slots = bool(model.needs_slots)
         self._levels = model.levels if self._needs_slots else 0
         self._neg = torch.finfo(w.dtype).min
