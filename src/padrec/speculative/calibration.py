@@ -152,7 +152,7 @@ def collect_acceptance_samples(target, draft, prompts: Iterable[Sequence[int]], 
     from tqdm.auto import tqdm
 
     from padrec.speculative.decoder import SpecConfig, speculative_generate
-    from padrec.speculative.tree import TreeConfig
+    from padrec.speculative.tree import TreeConfig, proposal_order
 
     if cfg.do_sample:
         raise PadrecError("acceptance is calibrated for greedy decoding")
@@ -171,7 +171,7 @@ def collect_acceptance_samples(target, draft, prompts: Iterable[Sequence[int]], 
                 if len(toks) < 2:
                     continue
                 vals = lp.tolist()
-                order = sorted(range(len(toks)), key=lambda j: (-vals[j], toks[j]))  # the draft's proposal order
+                order = proposal_order(vals)
                 rank = [toks[j] for j in order].index(res.tokens[pos])
                 out.append((tree.constraint_at(node).position, vals[order[0]] - vals[order[1]], rank))
     return out

@@ -36,7 +36,7 @@ from padrec.decoding.autoregressive import GenerationConfig, apply_logits_proces
 from padrec.decoding.trie import ListConstraint
 from padrec.speculative.kv import ancestor_matrix
 
-__all__ = ["TreeConfig", "DraftTree", "build_tree"]
+__all__ = ["TreeConfig", "DraftTree", "build_tree", "proposal_order"]
 
 TREE_KINDS = ("tree", "chain")
 TREE_SCORES = ("draft", "calibrated")
@@ -165,6 +165,13 @@ def _node_distribution(logits_row: torch.Tensor | None, cons: ListConstraint, cf
     return toks, (lp.detach().to("cpu", torch.float64) if to_cpu else lp)
 
 
+def proposal_order(vals: list[float]) -> list[int]:
+    """Indices of a node's allowed tokens (sorted ascending) in draft proposal order: best log-prob first, ties to
+    the smaller token. A reverse sort is stable, so this is sorted(key=(-value, token)) without a Python key
+    function per allowed token."""
+    return sorted(range(len(vals)), key=vals.__getitem__, reverse=True)
+
+
 def build_tree(
     root_logits: torch.Tensor,
     constraint: ListConstraint,
@@ -223,9 +230,7 @@ def build_tree(
         else:
             toks, lp = _node_distribution(logits_row, cons, cfg)
             vals = lp.tolist()
-            # best first, ties to the smaller token: a reverse sort is stable, so this is sorted(key=(-value,
-            # token)) without a Python key function per allowed token
-            order = sorted(range(len(vals)), key=vals.__getitem__, reverse=True)
+            order = proposal_order(vals)
             best = [(i, vals[i]) for i in order[:k]]
             if len(order) > 1:
                 margin = vals[order[0]] - vals[order[1]]
