@@ -27,7 +27,7 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.autoregressive import model_forward
 from padrec.drafts.base import Draft, DraftSession
-from padrec.speculative.kv import additive_mask, cache_length, model_dtype_device, session_cache
+from padrec.speculative.kv import additive_mask, cache_length, keep_prefix_and, model_dtype_device, session_cache
 
 __all__ = ["ModelDraft", "ModelDraftSession"]
 
@@ -113,11 +113,7 @@ class ModelDraftSession(DraftSession):
     def rollback(self) -> None:
         s = len(self._anc)
         if s:
-            if self.fast:
-                for kv in self.cache:
-                    kv.truncate(self.n)
-            else:
-                self.cache.crop(-s)
+            keep_prefix_and(self.cache, self.n, [])  # either cache kind: drop the speculative tail
         self._anc = []
         self._depth = []
 
