@@ -46,7 +46,7 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="small", help="tiny, small, medium, large")
+    p.add_argument("--preset", default="small", help="tiny, small, deep, deeper, medium, large")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

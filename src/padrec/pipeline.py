@@ -33,8 +33,15 @@ def tokenize(run_dir: Path, dataset: str, cfg: TokenizerConfig, max_history: int
 
 def machine_description() -> dict:
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+                                cwd=here, timeout=5).stdout.strip() or None
+        # a copy with edits on top of HEAD (a device's working tree, a benchmark of uncommitted code) must not pass
+        # for HEAD itself
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
+        if commit and changed:
+            commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
