@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# PAD-Rec(HASS) against HASS with both drafts trained on every training window (6 epochs), per dataset, on the
+# targets the README names; then the per-configuration comparison table. The study script
+# (benchmarks/padrec_study.py) trains its drafts on a 4000-window sample so that 40+ drafts fit in a session;
+# this one is the full-training check of its conclusion.
+#
+#   bash benchmarks/full_data_padrec.sh [RUN ...]
+#
+# RUN defaults to the runs this script added to the README's table (its deep Beauty and Toys rows come from the
+# commands recorded in benchmarks/results/deep_{beauty,toys}_hass_padrec*.json). Each RUN must hold a trained target (`padrec train-target`);
+# drafts already trained under RUN/drafts/{hass,padrec-hass} are reused. Writes
+# benchmarks/results/full_data_<dataset>_<preset>.json (+ .png) per run and prints the table of
+# benchmarks/draft_gain.py. Roughly 9 (small target) to 20 (24-layer target) minutes per draft on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+PADREC=.venv/bin/padrec
+RUNS=("$@")
+[ ${#RUNS[@]} -gt 0 ] || RUNS=(runs/deeper/beauty runs/quality/games runs/quality/yelp)
+outs=()
+for run in "${RUNS[@]}"; do
+  [ -f "$run/target/model.safetensors" ] || { echo "no trained target in $run" >&2; exit 2; }
+  for spec in "hass:--draft hass" "padrec-hass:--draft padrec --base hass"; do
+    name=${spec%%:*}
+    [ -f "$run/drafts/$name/model.safetensors" ] || \
+      $PADREC train-draft --run "$run" ${spec#*:} --name "$name" --epochs 6 --threads 2
+  done
+  preset=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['train_config']['preset'])" "$run/target/padrec.json")
+  out=benchmarks/results/full_data_$(basename "$run")_${preset}.json
+  chains=6,8,10
+  [ "$preset" = small ] || chains=8,10,12,14,16
+  $PADREC bench --run "$run" --drafts hass,padrec-hass --users 100 --warmup 5 --no-naive --no-hf \
+    --chain "$chains" --tree "16,4,48,cal@0.1" --threads 2 --out "$out"
+  outs+=("$out")
+done
+$PY benchmarks/draft_gain.py "${outs[@]}"
