@@ -27,6 +27,7 @@ from padrec.ui import console, table
 SHAPES = {  # name: (layers, hidden, heads, intermediate)
     "small 4x256": (4, 256, 4, 768),
     "deep 12x256": (12, 256, 4, 768),
+    "deeper 24x256": (24, 256, 4, 768),
     "wide 8x512": (8, 512, 8, 2048),
     "wide 12x512": (12, 512, 8, 1536),
     "draft 1x256": (1, 256, 4, 768),
