@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from padrec.ui import console, table
+from padrec.ui import console, markdown, table
 
 
 def gains(res: dict, draft: str, base: str) -> list[dict]:
@@ -56,12 +56,6 @@ def shown(rows: list[dict]) -> list[dict]:
             return v
         return f"{v:+.1f}" if "%" in k else f"{v:.2f}" if "ms" not in k else f"{v:.1f}"
     return [{k: fmt(k, v) for k, v in r.items()} for r in rows]
-
-
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                     + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
 
 
 def main() -> None:

@@ -10,7 +10,8 @@
 # commands recorded in benchmarks/results/deep_{beauty,toys}_hass_padrec*.json). Each RUN must hold a trained target (`padrec train-target`);
 # drafts already trained under RUN/drafts/{hass,padrec-hass} are reused. Writes
 # benchmarks/results/full_data_<dataset>_<preset>.json (+ .png) per run and prints the table of
-# benchmarks/draft_gain.py. Roughly 9 (small target) to 20 (24-layer target) minutes per draft on 2 cores.
+# benchmarks/draft_gain.py. Per draft on 2 cores (measured): 13-14 min on the 24-layer Beauty target, 20-25 min
+# on the small Games and Yelp targets (more training windows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

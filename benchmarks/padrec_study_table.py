@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from padrec.tokenizer.semantic_ids import atomic_write_text
-from padrec.ui import console, table
+from padrec.ui import console, markdown, table
 
 RESULTS = Path(__file__).parent / "results"
 MAIN = ("st-lm", "st-eagle", "st-hass", "st-padrec-eagle", "st-padrec-hass")
@@ -86,15 +86,6 @@ def gain_rows(runs: dict, ablations: bool) -> list[dict]:
                         "τ base": g["τ base"], "Δτ %": g["Δτ %"], "speedup": g["speedup"],
                         "base speedup": g["base speedup"], "wall gain %": g["wall gain %"]})
     return out
-
-
-def markdown(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def plot(gains: list[dict], out: Path) -> None:

@@ -1,4 +1,5 @@
-"""Console output shared by the CLI: one rich console, tables from lists of dicts."""
+"""Console output shared by the CLI and the benchmark scripts: one rich console, tables from lists of dicts (rich,
+or markdown for notes and the README)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,13 @@ def table(rows: list[dict], title: str | None = None, floats: str = "{:.4f}") ->
     for r in rows:
         t.add_row(*(floats.format(v) if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v) for v in (r.get(c, "") for c in cols)))
     return t
+
+
+def markdown(rows: list[dict]) -> str:
+    """The same rows as a markdown table ("" for none); values as `str` gives them."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
