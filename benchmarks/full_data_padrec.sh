@@ -7,7 +7,8 @@
 #   [STEPS=6] [CHAINS=6,8,10,16] bash benchmarks/full_data_padrec.sh [RUN ...]
 #
 # STEPS: unrolled training steps of both drafts (default 3; other values name the drafts hass-s<STEPS> and
-# padrec-hass-s<STEPS> and the JSON full_data_<dataset>_<preset>_s<STEPS>.json). CHAINS: chain lengths to bench
+# padrec-hass-s<STEPS> and the JSON full_data_<dataset>_<preset>_s<STEPS>.json, which also times the three-step
+# drafts when the run has them). CHAINS: chain lengths to bench
 # (default 6,8,10 on the small preset, 8,10,12,14,16 on deeper ones).
 #
 # RUN defaults to the runs this script added to the README's table (its deep Beauty and Toys rows come from the
@@ -38,7 +39,12 @@ for run in "${RUNS[@]}"; do
   chains=6,8,10
   [ "$preset" = small ] || chains=8,10,12,14,16
   chains=${CHAINS:-$chains}
-  $PADREC bench --run "$run" --drafts "hass$suffix,padrec-hass$suffix" --users 100 --warmup 5 --no-naive --no-hf \
+  drafts="hass$suffix,padrec-hass$suffix"
+  # with other STEPS, the three-step pair (when trained) is timed in the same process, so both pairs compare
+  if [ -n "$suffix" ] && [ -f "$run/drafts/hass/model.safetensors" ] && [ -f "$run/drafts/padrec-hass/model.safetensors" ]; then
+    drafts="hass,padrec-hass,$drafts"
+  fi
+  $PADREC bench --run "$run" --drafts "$drafts" --users 100 --warmup 5 --no-naive --no-hf \
     --chain "$chains" --tree "16,4,48,cal@0.1" --threads 2 --out "$out"
   outs+=("$out")
 done
