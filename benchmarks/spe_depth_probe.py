@@ -36,15 +36,17 @@ from padrec.ui import console, table
 RULES = ("clamp", "zero", "row0")
 
 
-def with_rule(draft: EagleDraft, rule: str, max_depth: int) -> EagleDraft:
-    """A copy of a PAD-Rec draft whose step table covers depths 0..max_depth by `rule` (see the module doc)."""
+def with_rule(draft: EagleDraft, rule: str) -> EagleDraft:
+    """A copy of a PAD-Rec draft that applies `rule` (see the module doc) at every depth past the trained ones. One
+    extra row suffices: sessions clamp a depth to the last row of the table. Depths do run past the chain length:
+    the previous round's bonus and forced tokens enter the draft as a speculative chain below the new tree
+    (`speculative/decoder.py`)."""
     if rule == "clamp":
         return draft
     model = copy.deepcopy(draft.model)
     rows = model.position.step_embed.weight.detach()
     fill = torch.zeros(1, rows.shape[1]) if rule == "zero" else rows[:1]
-    table_rows = torch.cat([rows, fill.expand(max_depth + 1 - rows.shape[0], -1)], 0)
-    model.position.step_embed = nn.Embedding.from_pretrained(table_rows.clone(), freeze=True)
+    model.position.step_embed = nn.Embedding.from_pretrained(torch.cat([rows, fill], 0), freeze=True)
     out = EagleDraft(model, name=f"{draft.name}:{rule}")
     out.acceptance = draft.acceptance
     return out
@@ -68,14 +70,14 @@ def main() -> None:
         raise SystemExit(f"{a.draft!r} is not a PAD-Rec draft with a step position embedding")
     trained = pad.model.position.cfg.trained_depths
     drafts = {a.base: load_draft(run, a.base)}
-    drafts.update({f"{a.draft}:{rule}": with_rule(pad, rule, max(chains)) for rule in RULES})
+    drafts.update({f"{a.draft}:{rule}": with_rule(pad, rule) for rule in RULES})
     cfg = BenchConfig(users=a.users, warmup=2, naive_ar=False, hf_generate=False,
                       trees=[TreeConfig.chain(g) for g in chains])
     res = run_bench(run, drafts, cfg)
     res.update(run=str(run.path), dataset=run.info.dataset, trained_depths=trained)
     rows = [{"draft": r["draft"], "decoder": r["decoder"].removeprefix("sd "), "τ": round(r["tau"], 3),
              "speedup": round(r["speedup"], 2), "all = AR": r["identical_to_ar"],
-             f"acceptance at depths 1-{trained} | beyond": "{} | {}".format(
+             f"acceptance by depth (| after depth {trained})": "{} | {}".format(
                  " ".join(f"{x:.2f}" for x in r["accept_by_depth"][:trained] if x is not None),
                  " ".join(f"{x:.2f}" for x in r["accept_by_depth"][trained:] if x is not None))}
             for r in res["rows"] if r["decoder"].startswith("sd ")]
