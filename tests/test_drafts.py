@@ -292,6 +292,42 @@ def test_resume_after_interruption(synth_env, draft_run, tmp_path, monkeypatch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
+def test_warm_start_begins_exactly_at_the_source_draft(synth_env, draft_run, tmp_path):
+    """PAD-Rec started from a trained base: with lr 0 the saved draft is the base's weights plus an identity
+    module; the metadata names the source."""
+    src, _ = draft_run
+    shutil.copytree(src.path, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    cfg = DraftTrainConfig(kind="padrec", name="padrec-warm", init_from="eagle", **{**SMALL, "epochs": 1}, lr=0.0)
+    train_draft(run, cfg, progress=False)
+    warm, meta = load_draft_model(run, "padrec-warm")
+    base, base_meta = load_draft_model(run, "eagle")
+    assert meta["started_from"] == {"draft": "eagle", "kind": "eagle", "files": base_meta["files"]}
+    for k, v in base.state_dict().items():
+        assert torch.equal(warm.state_dict()[k], v), k
+    assert not warm.position.slot_embed.weight.any() and not warm.position.step_embed.weight.any()
+    ctx = torch.tensor([CTX]) % run.sids.vocab.size
+    feats = _feats(len(CTX))[None]
+    g = torch.Generator().manual_seed(0)
+    slots, depths = torch.randint(0, 4, ctx.shape, generator=g), torch.randint(0, 3, ctx.shape, generator=g)
+    assert torch.equal(warm(ctx, feats, slots=slots, depths=depths), base(ctx, feats))
+
+
+@pytest.mark.parametrize("kind,source,match", [
+    ("padrec", "lm", "feature draft"),
+    ("eagle", "padrec", "does not fit"),
+    ("padrec", "nowhere", "no draft at"),
+    ("lm", "eagle", "warm-starts feature drafts"),
+    ("eagle", "eagle", "cannot start from itself"),
+])
+def test_warm_start_refuses_what_does_not_fit(synth_env, draft_run, tmp_path, kind, source, match):
+    src, _ = draft_run
+    shutil.copytree(src.path, tmp_path / "run")
+    cfg = DraftTrainConfig(kind=kind, name=None if source == kind else f"{kind}-warm", init_from=source, **SMALL)
+    with pytest.raises(PadrecError, match=match):
+        train_draft(Run(tmp_path / "run"), cfg, progress=False)
+
+
 def _copy_drafts(src: Run, dst: Run) -> None:
     shutil.copytree(src.path / "drafts", dst.path / "drafts")
 

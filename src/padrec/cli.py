@@ -199,11 +199,11 @@ def cmd_train_draft(a) -> None:
     unknown = off - {"ipe", "spe", "gate", "alpha"}
     if unknown:
         raise PadrecError(f"--ablate takes ipe,spe,gate,alpha; unknown: {', '.join(sorted(unknown))}")
-    cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+    cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
                            time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
                            hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
                            gate="gate" not in off, learn_alpha="alpha" not in off, align=a.align,
-                           align_weight=a.align_weight, align_topk=a.align_topk)
+                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
     console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))
@@ -386,9 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-weight", type=float, default=0.5, help="weight of the alignment term")
     p.add_argument("--align-topk", type=int, default=10, help="K of the teacher beams and of the top-K support")
     p.add_argument("--name", default=None, help="folder name under DIR/drafts (default: the draft kind)")
+    p.add_argument("--init-from", default=None, metavar="DRAFT",
+                   help="start from the weights of this trained feature draft of the run (padrec from its base: "
+                        "the module starts as the identity)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialisation, batch order and validation sample; another seed measures run-to-run spread")
     p.add_argument("--time-budget-min", type=float, default=None)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--threads", type=int, default=None)

@@ -70,6 +70,14 @@ class PositionModule(nn.Module):
                 nn.init.zeros_(self.gate.bias)
 
     @torch.no_grad()
+    def start_as_identity(self) -> None:
+        """Zero both embedding tables: the module then maps h to h exactly (gate or not), so a draft warm-started
+        from its trained base begins as that base and training alone decides what the module adds."""
+        for name in ("slot_embed", "step_embed"):
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name).weight)
+
+    @torch.no_grad()
     def inference_fn(self):
         """The same map for a decoding session, from tables frozen when the session starts: α·E_slot and E_step
         rows are picked by plain indexing, the gate is one linear. Module calls and per-call clamps cost more than

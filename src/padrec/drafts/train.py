@@ -93,6 +93,9 @@ class DraftTrainConfig:
     align_weight: float = 0.5
     align_topk: int = 10  # the target's beam width for the teacher beams, and the top-K support of "strict"
     align_examples: int = 8  # examples per batch that get the term (each costs align_topk teacher-forced beams)
+    # warm start: begin from the weights of another feature draft of the same run (a PAD-Rec draft from its
+    # trained base: the module starts as the identity, so training adds the module to a converged head)
+    init_from: str | None = None
 
     @property
     def draft_name(self) -> str:
@@ -111,6 +114,10 @@ class DraftTrainConfig:
             raise PadrecError(f"unknown PAD-Rec base {self.padrec_base!r}: expected eagle or hass")
         if self.hass_steps < 1:
             raise PadrecError(f"hass_steps must be >= 1, got {self.hass_steps}")
+        if self.init_from is not None and self.kind not in FEATURE_KINDS:
+            raise PadrecError(f"init_from warm-starts feature drafts ({', '.join(FEATURE_KINDS)}), not {self.kind!r}")
+        if self.init_from is not None and self.init_from == self.draft_name:
+            raise PadrecError(f"draft {self.draft_name!r} cannot start from itself: give the new draft another name")
 
 
 class TargetFeatures:
@@ -264,6 +271,29 @@ def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig, levels
     return build_lm_draft(mc, seed=cfg.seed), mc.to_dict()
 
 
+def _warm_start(run, model, source: str, identity: dict) -> dict:
+    """Copy the weights of the run's trained draft `source` into `model`; returns what the new draft's metadata
+    records about where it started. Only a PAD-Rec module may be missing from the source (it then starts as the
+    identity map); anything else that does not match is an error, never a silent partial load."""
+    path = draft_dir(run, source)
+    meta = read_draft_meta(path)
+    if meta.get("identity") != identity:
+        raise PadrecError(f"draft {source!r} was trained for another target than this run's; cannot start from it")
+    if meta["kind"] not in FEATURE_KINDS:
+        raise PadrecError(f"draft {source!r} is a {meta['kind']!r} draft; a warm start needs a feature draft")
+    state = load_draft_weights(path, meta).state_dict()
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: another draft architecture
+        raise PadrecError(f"draft {source!r} does not fit the new draft: {e}") from e
+    if unexpected or any(not k.startswith("position.") for k in missing):
+        raise PadrecError(f"draft {source!r} does not fit the new draft (missing {sorted(missing)}, "
+                          f"unexpected {sorted(unexpected)})")
+    if missing:
+        model.position.start_as_identity()
+    return {"draft": source, "kind": meta["kind"], "files": meta.get("files")}
+
+
 def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool = True,
                 feature_pool: dict | None = None) -> dict:
     """Train (or resume training of) a draft for the run's target. Returns the history and where it was saved.
@@ -310,7 +340,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
-    state = None
+    state, started_from = None, None
     if resume and (last_path / "train_state.pt").is_file():
         meta = read_draft_meta(last_path)
         if meta.get("config") != asdict(cfg):
@@ -323,10 +353,13 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         model_config = meta["model_config"]
         state = torch.load(last_path / "train_state.pt", weights_only=True)
         history = json.loads(state["history_json"])
+        started_from = meta.get("started_from")
         start_epoch = int(state["epoch"]) + 1
     else:
         model, model_config = _new_model(cfg.kind, target, identity["vocab_size"], cfg, run.sids.vocab.levels)
         history, start_epoch = [], 0
+        if cfg.init_from is not None:
+            started_from = _warm_start(run, model, cfg.init_from, identity)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -340,7 +373,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         bad_epochs = 0 if h["improved"] else bad_epochs + 1
     stopped = history[-1].get("stop_reason") if history else None
     base_meta = {"kind": cfg.kind, "name": name, "config": asdict(cfg), "model_config": model_config,
-                 "identity": identity, "n_trainable_params": n_params}
+                 "identity": identity, "n_trainable_params": n_params,
+                 **({"started_from": started_from} if started_from else {})}
 
     for epoch in range(start_epoch, cfg.epochs):
         if stopped:
