@@ -285,6 +285,11 @@ def test_resume_after_interruption(synth_env, draft_run, tmp_path, monkeypatch):
     assert json.loads((run.path / "drafts" / ".eagle.last" / "draft.json").read_text())["epoch"] == 1
     with pytest.raises(PadrecError, match="different settings"):
         train_draft(run, replace(cfg, lr=5e-3), progress=False)
+    # a state saved before a config field existed resumes: the missing field counts as its default
+    last = run.path / "drafts" / ".eagle.last" / "draft.json"
+    meta = json.loads(last.read_text())
+    del meta["config"]["list_valid_users"], meta["config"]["init_from"]
+    last.write_text(json.dumps(meta))
     res = train_draft(run, cfg, progress=False)
     assert [h["epoch"] for h in res["history"]] == [1, 2]
     # resumed == uninterrupted (same seed, same batches)

@@ -203,7 +203,7 @@ def cmd_train_draft(a) -> None:
                            time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
                            hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
                            gate="gate" not in off, learn_alpha="alpha" not in off, align=a.align,
-                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from)
+                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from, list_valid_users=a.list_valid_users)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
     console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))
@@ -228,6 +228,36 @@ def cmd_calibrate(a) -> None:
              "P(top-2 taken) per bucket": ", ".join(f"{b[1]:.2f}" for b in model.probs[s])}
             for s in range(model.levels)]
     console.print(table(rows, title=f"acceptance of draft {a.draft!r} by item slot and draft margin bucket"))
+
+
+def cmd_list_agreement(a) -> None:
+    import torch
+
+    from padrec.drafts.list_agreement import list_agreement
+    from padrec.pipeline import machine_description
+    from padrec.run import Run
+    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.ui import console, table
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run(a.run)
+    names = [n for n in a.drafts.split(",") if n]
+    if not names:
+        raise PadrecError("--drafts needs at least one draft name")
+    rows = list_agreement(run, names, users=a.users, steps=a.steps, split=a.split, seed=a.seed)
+    shown = [{"draft": r["draft"], **{f"step {j + 1}": round(v, 3) for j, v in enumerate(r["agreement_by_step"])},
+              "mean": round(r["mean"], 3),
+              "by level (step 1)": "/".join(f"{v:.3f}" for v in r["agreement_per_level"]),
+              "training valid (by step)": "/".join(f"{v:.3f}" for v in r["train_valid_agreement_by_step"] or [])}
+             for r in rows]
+    console.print(table(shown, title=f"{run.info.dataset}: draft top-1 = target top-1 along the target's greedy "
+                                     f"lists of {rows[0]['users']} {a.split} users"))
+    if a.out:
+        result = {"run": str(run.path), "dataset": run.info.dataset, "split": a.split, "users": rows[0]["users"],
+                  "steps": a.steps, "rows": rows, "machine": machine_description(), "command": a.command_line}
+        atomic_write_text(Path(a.out), json.dumps(result, indent=2))
+        console.print(f"written {a.out}")
 
 
 def _ensure_acceptance(run, drafts: dict, trees, device: str) -> None:
@@ -386,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-weight", type=float, default=0.5, help="weight of the alignment term")
     p.add_argument("--align-topk", type=int, default=10, help="K of the teacher beams and of the top-K support")
     p.add_argument("--name", default=None, help="folder name under DIR/drafts (default: the draft kind)")
+    p.add_argument("--list-valid-users", type=int, default=0, metavar="N",
+                   help="also score each epoch along the target's greedy lists of N validation users and keep the "
+                        "epoch that scores best there (see `padrec list-agreement`)")
     p.add_argument("--init-from", default=None, metavar="DRAFT",
                    help="start from the weights of this trained feature draft of the run (padrec from its base: "
                         "the module starts as the identity)")
@@ -406,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=8, help="chain length used while collecting")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("list-agreement", help="drafts' agreement with the target along its own greedy lists "
+                                              "(the validation that ranks drafts as inference does)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--drafts", required=True, help="comma-separated draft names of the run")
+    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--steps", type=int, default=6, help="unrolled draft steps (= chain depths) to score")
+    p.add_argument("--split", default="valid", choices=["valid", "test"])
+    p.add_argument("--seed", type=int, default=0, help="which users are sampled")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    p.set_defaults(func=cmd_list_agreement)
 
     p = sub.add_parser("bench", help="batch-1 latency: autoregressive vs speculative decoding, pair by pair")
     p.add_argument("--run", required=True)

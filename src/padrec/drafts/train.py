@@ -11,8 +11,10 @@ epochs run ~2x faster. The target's soft labels are `lm_head(H)` (checked once a
 Per epoch: validation on the valid split's next item (teacher forcing) reporting the loss and the top-1
 agreement of the draft with the target (the acceptance proxy), per SID level and, for feature-level drafts, per
 unrolled step (`VALID_STEPS` at least, whatever the training unroll: step j is how the draft does at tree depth
-j-1). The best epoch (by the agreement averaged over steps) goes to `runs/<run>/drafts/<name>/`, every epoch to
-`drafts/.<name>.last/` for resuming.
+j-1). With `list_valid_users` the draft is also scored along the target's own greedy lists (`list_agreement.py`),
+the validation that ranks drafts as inference does. The best epoch (by the agreement averaged over steps: along
+the lists when they are scored) goes to `runs/<run>/drafts/<name>/`, every epoch to `drafts/.<name>.last/` for
+resuming.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class DraftTrainConfig:
     # warm start: begin from the weights of another feature draft of the same run (a PAD-Rec draft from its
     # trained base: the module starts as the identity, so training adds the module to a converged head)
     init_from: str | None = None
+    # > 0: also score every epoch along the target's greedy lists of this many validation users
+    # (drafts/list_agreement.py) and pick the best epoch by that score, which ranks drafts as inference does
+    list_valid_users: int = 0
 
     @property
     def draft_name(self) -> str:
@@ -212,9 +217,11 @@ def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainCo
 
 @torch.no_grad()
 def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrainConfig, levels: int,
-             batch_size: int = 128) -> dict:
+             batch_size: int = 128, steps: int | None = None) -> dict:
+    """Loss and top-1 agreement with the target over the labelled positions of `examples`, per unrolled step
+    (`steps`, default max(trained steps, VALID_STEPS); 1 for an LM draft) and per SID level at step 1."""
     model.eval()
-    steps = max(cfg.steps, VALID_STEPS) if kind in FEATURE_KINDS else 1
+    steps = (steps or max(cfg.steps, VALID_STEPS)) if kind in FEATURE_KINDS else 1
     loss_sum, n = 0.0, 0
     agree = torch.zeros(steps, dtype=torch.long)
     per_level = torch.zeros(levels, dtype=torch.long)
@@ -228,7 +235,7 @@ def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrain
             continue
         hits = [d.argmax(-1) == t_logits.argmax(-1) for d in d_logits]
         M = _positions(batch)
-        level = (M.long().cumsum(1) - 1)[M].clamp(0, levels - 1)  # one labelled item per example
+        level = (M.long().cumsum(1) - 1)[M] % levels  # labels come as whole items: L SID tokens each
         per_level += torch.bincount(level[hits[0]], minlength=levels)
         per_level_n += torch.bincount(level, minlength=levels)
         loss_sum += loss.item() * k
@@ -329,6 +336,12 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         if feature_pool is not None:
             feature_pool[pool_key] = (target, train_examples, valid_examples, train_feats, valid_feats)
     head = target.get_output_embeddings()
+    list_examples = list_feats = None
+    if cfg.list_valid_users:
+        from padrec.drafts.list_agreement import greedy_list_examples
+
+        list_examples = dist.shard(greedy_list_examples(run, target, "valid", cfg.list_valid_users, seed=cfg.seed))
+        list_feats = TargetFeatures(target, list_examples, cfg.feature_cache_mb)
     aligner = None
     if cfg.align:
         from padrec.decoding.trie import ItemTrie
@@ -343,7 +356,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     state, started_from = None, None
     if resume and (last_path / "train_state.pt").is_file():
         meta = read_draft_meta(last_path)
-        if meta.get("config") != asdict(cfg):
+        # a field added to the config since that run was saved counts as its default
+        if {**asdict(DraftTrainConfig()), **meta.get("config", {})} != asdict(cfg):
             raise PadrecError(f"{last_path} holds an interrupted draft training with different settings; "
                               "pass the same settings to resume, or resume=False (--no-resume) to start over")
         if meta.get("identity") != identity:
@@ -414,6 +428,10 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{run_loss / max(1, run_n):.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
         val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, run.sids.vocab.levels)
+        if list_examples is not None:
+            lv = validate(cfg.kind, model, head, list_examples, list_feats, cfg, run.sids.vocab.levels)
+            val.update(list_agreement_by_step=lv["valid_agreement_by_step"],
+                       list_agreement_per_level=lv["valid_agreement_per_level"], valid_score=lv["valid_score"])
         seconds = time.time() - t0
         if world > 1:  # the slowest rank's time (every rank must agree on a time-budget stop) and the global mean
             seconds = dist.all_reduce_max(seconds)
@@ -430,7 +448,9 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
             tqdm.write(
                 f"{name} epoch {epoch + 1}: train {entry['train_loss']:.4f}  valid {val['valid_loss']:.4f}  "
                 f"agree {'/'.join(f'{a:.3f}' for a in val['valid_agreement_by_step'])}"
-                f"{'  *best*' if improved else ''}  ({seconds:.0f}s)"
+                + (f"  lists {'/'.join(f'{a:.3f}' for a in val['list_agreement_by_step'])}"
+                   if list_examples is not None else "")
+                + f"{'  *best*' if improved else ''}  ({seconds:.0f}s)"
                 + (f"  stop: {reason}" if reason else "")
             )
         meta = {**base_meta, "epoch": epoch + 1, "history": history}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Is PAD-Rec(HASS)'s τ difference from HASS larger than run-to-run spread, and does the module help a trained head?
+#
+#   [SEED=1] [WARM_EPOCHS=2] [WARM_LR=3e-4] [CHAINS=6,8,10,16] bash benchmarks/seed_warm_padrec.sh [RUN]
+#
+# On one run (default runs/quality/games, the dataset where full-data PAD-Rec lost τ to HASS) that already holds
+# the full-data pair hass / padrec-hass (benchmarks/full_data_padrec.sh), this trains
+#   hass-seed<SEED>, padrec-hass-seed<SEED>  the same recipe (6 epochs, 3 unrolled steps) with another seed:
+#                                           initialisation, batch order and validation sample change
+#   hass-warm, padrec-hass-warm             both start from the trained hass and train WARM_EPOCHS more at
+#                                           WARM_LR; PAD-Rec's module starts as the identity, so the pair
+#                                           differs only by the module
+# then benches all six drafts in one process (100 users, chains and the calibrated tree) and prints each
+# comparison with benchmarks/draft_gain.py. Drafts already trained are reused. Training runs one draft at a time
+# on THREADS threads (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+PADREC=.venv/bin/padrec
+RUN=${1:-runs/quality/games}
+SEED=${SEED:-1}
+WARM_EPOCHS=${WARM_EPOCHS:-2}
+WARM_LR=${WARM_LR:-3e-4}
+THREADS=${THREADS:-2}
+CHAINS=${CHAINS:-6,8,10,16}
+for name in hass padrec-hass; do
+  [ -f "$RUN/drafts/$name/model.safetensors" ] || { echo "$RUN has no $name draft: run benchmarks/full_data_padrec.sh $RUN first" >&2; exit 2; }
+done
+train() {  # name, then train-draft arguments
+  local name=$1; shift
+  [ -f "$RUN/drafts/$name/model.safetensors" ] || \
+    $PADREC train-draft --run "$RUN" --steps 3 --name "$name" --threads "$THREADS" "$@"
+}
+train "hass-seed$SEED" --draft hass --epochs 6 --seed "$SEED"
+train "padrec-hass-seed$SEED" --draft padrec --base hass --epochs 6 --seed "$SEED"
+train hass-warm --draft hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
+train padrec-hass-warm --draft padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
+preset=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['train_config']['preset'])" "$RUN/target/padrec.json")
+out=benchmarks/results/seed_warm_$(basename "$RUN")_${preset}.json
+$PADREC bench --run "$RUN" --drafts "hass,padrec-hass,hass-seed$SEED,padrec-hass-seed$SEED,hass-warm,padrec-hass-warm" \
+  --users 100 --warmup 5 --no-naive --no-hf --chain "$CHAINS" --tree "16,4,48,cal@0.1" --threads 2 --out "$out"
+for pair in "padrec-hass hass" "padrec-hass-seed$SEED hass-seed$SEED" "hass-seed$SEED hass" \
+            "padrec-hass-seed$SEED padrec-hass" "padrec-hass-warm hass-warm" "hass-warm hass"; do
+  set -- $pair
+  echo "== $1 against $2"
+  $PY benchmarks/draft_gain.py "$out" --draft "$1" --base "$2"
+done
