@@ -19,7 +19,7 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-from padrec.drafts.list_agreement import list_agreement
+from padrec.drafts.target_lists import list_agreement
 from padrec.drafts.registry import FEATURE_KINDS, draft_dir, read_draft_meta
 from padrec.pipeline import machine_description
 from padrec.run import Run

@@ -203,7 +203,8 @@ def cmd_train_draft(a) -> None:
                            time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
                            hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
                            gate="gate" not in off, learn_alpha="alpha" not in off, align=a.align,
-                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from, list_valid_users=a.list_valid_users)
+                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from, list_valid_users=a.list_valid_users,
+                           list_train_users=a.list_train_users)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
     console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))
@@ -233,7 +234,7 @@ def cmd_calibrate(a) -> None:
 def cmd_list_agreement(a) -> None:
     import torch
 
-    from padrec.drafts.list_agreement import list_agreement
+    from padrec.drafts.target_lists import list_agreement
     from padrec.pipeline import machine_description
     from padrec.run import Run
     from padrec.tokenizer.semantic_ids import atomic_write_text
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-valid-users", type=int, default=0, metavar="N",
                    help="also score each epoch along the target's greedy lists of N validation users and keep the "
                         "epoch that scores best there (see `padrec list-agreement`)")
+    p.add_argument("--list-train-users", type=int, default=0, metavar="N",
+                   help="also train on the target's greedy lists for N training users (prompted with a prefix of "
+                        "their training items; generated once per target, cached under the run)")
     p.add_argument("--init-from", default=None, metavar="DRAFT",
                    help="start from the weights of this trained feature draft of the run (padrec from its base: "
                         "the module starts as the identity)")

@@ -11,7 +11,7 @@ epochs run ~2x faster. The target's soft labels are `lm_head(H)` (checked once a
 Per epoch: validation on the valid split's next item (teacher forcing) reporting the loss and the top-1
 agreement of the draft with the target (the acceptance proxy), per SID level and, for feature-level drafts, per
 unrolled step (`VALID_STEPS` at least, whatever the training unroll: step j is how the draft does at tree depth
-j-1). With `list_valid_users` the draft is also scored along the target's own greedy lists (`list_agreement.py`),
+j-1). With `list_valid_users` the draft is also scored along the target's own greedy lists (`target_lists.py`),
 the validation that ranks drafts as inference does. The best epoch (by the agreement averaged over steps: along
 the lists when they are scored) goes to `runs/<run>/drafts/<name>/`, every epoch to `drafts/.<name>.last/` for
 resuming.
@@ -99,8 +99,11 @@ class DraftTrainConfig:
     # trained base: the module starts as the identity, so training adds the module to a converged head)
     init_from: str | None = None
     # > 0: also score every epoch along the target's greedy lists of this many validation users
-    # (drafts/list_agreement.py) and pick the best epoch by that score, which ranks drafts as inference does
+    # (drafts/target_lists.py) and pick the best epoch by that score, which ranks drafts as inference does
     list_valid_users: int = 0
+    # > 0: add the target's greedy lists for this many training users (prompted with a prefix of their training
+    # items) to the training windows: the text the draft drafts at inference
+    list_train_users: int = 0
 
     @property
     def draft_name(self) -> str:
@@ -316,7 +319,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     best_path, last_path = draft_dir(run, name), last_dir(run, name)
     identity = target_identity(run)
     pool_key = (str(run.path), identity["target_hash"], cfg.seed, cfg.max_valid_cases, cfg.max_train_examples,
-                cfg.feature_cache_mb)
+                cfg.feature_cache_mb, cfg.list_train_users)
     if feature_pool is not None and pool_key in feature_pool:
         target, train_examples, valid_examples, train_feats, valid_feats = feature_pool[pool_key]
     else:
@@ -329,6 +332,11 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
         if cfg.max_train_examples and len(train_examples) > cfg.max_train_examples:
             train_examples = random.Random(cfg.seed).sample(train_examples, cfg.max_train_examples)
+        if cfg.list_train_users:
+            from padrec.drafts.target_lists import train_list_examples
+
+            train_examples = train_examples + train_list_examples(run, target, cfg.list_train_users, seed=cfg.seed,
+                                                                  progress=progress)
         valid_examples = dist.shard(valid_examples)  # under torchrun each rank validates its share
         check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
         train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
@@ -338,7 +346,7 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     head = target.get_output_embeddings()
     list_examples = list_feats = None
     if cfg.list_valid_users:
-        from padrec.drafts.list_agreement import greedy_list_examples
+        from padrec.drafts.target_lists import greedy_list_examples
 
         list_examples = dist.shard(greedy_list_examples(run, target, "valid", cfg.list_valid_users, seed=cfg.seed))
         list_feats = TargetFeatures(target, list_examples, cfg.feature_cache_mb)

@@ -1,5 +1,6 @@
-"""Agreement along the target's greedy lists: the examples are the target's own lists, the score equals a plain
-forward-pass count, training can report and select by it, and the CLI writes it."""
+"""The target's greedy lists: validation examples are the target's own lists, agreement along them equals a plain
+forward-pass count, training can report and select by it, the CLI writes it; training lists are prompted with
+strict prefixes of training sequences, cached, and reach the training set."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from padrec.decoding.autoregressive import GenerationConfig, generate_list
 from padrec.decoding.trie import ItemTrie
-from padrec.drafts.list_agreement import greedy_list_examples, list_agreement
+import padrec.drafts.target_lists as tl
+from padrec.drafts.target_lists import greedy_list_examples, list_agreement, train_list_examples
 from padrec.drafts.registry import load_draft_model
 from padrec.drafts.train import DraftTrainConfig, train_draft
 from padrec.run import Run
@@ -95,3 +97,35 @@ def test_cli_writes_the_table(synth_env, agree_run, tmp_path):
     assert [r["draft"] for r in res["rows"]] == ["eagle", "padrec"] and res["users"] == 4
     assert all(len(r["agreement_by_step"]) == 4 for r in res["rows"])
     assert main(["list-agreement", "--run", str(run.path), "--drafts", "nope", "--users", "4"]) != 0
+
+
+def test_training_lists_follow_strict_prefixes_and_are_cached(synth_env, agree_run, tmp_path, monkeypatch):
+    src, _ = agree_run
+    shutil.copytree(src.path, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    target = run.load_target().eval()
+    L = run.sids.vocab.levels
+    examples = train_list_examples(run, target, users=6, n_items=2, progress=False)
+    prefixes = {tuple(run.prompt(s[:k])) for s in run.dataset.train_sequences() for k in range(1, len(s))}
+    trie = ItemTrie(run.sids.all_item_tokens())
+    assert len(examples) == 6
+    for ids, labels in examples:
+        prompt = ids[: len(ids) - 2 * (L + 1)]
+        assert tuple(prompt) in prefixes
+        assert ids[len(prompt):] == generate_list(target, prompt, trie, GenerationConfig(n_items=2)).tokens
+        assert sum(t != IGNORE for t in labels) == 2 * L
+    monkeypatch.setattr(tl, "_list_examples", lambda *a, **k: pytest.fail("regenerated instead of read from cache"))
+    assert train_list_examples(run, target, users=6, n_items=2, progress=False) == examples
+
+
+def test_training_lists_reach_the_training_set(synth_env, agree_run, tmp_path):
+    src, _ = agree_run
+    shutil.copytree(src.path, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    pools = [{}, {}]
+    for pool, lists in zip(pools, (0, 5)):
+        train_draft(run, DraftTrainConfig(kind="eagle", name=f"e{lists}", list_train_users=lists, **SMALL),
+                    progress=False, feature_pool=pool)
+    (plain,), (with_lists,) = (list(p.values()) for p in pools)
+    assert len(with_lists[1]) == len(plain[1]) + 5
+    assert with_lists[1][: len(plain[1])] == plain[1]
