@@ -47,7 +47,11 @@ def main() -> None:
     ap.add_argument("--tie", type=float, default=1.0, help="τ differences below this percent are ties")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/list_agreement_vs_tau.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG of an existing --out JSON")
     a = ap.parse_args()
+    if a.replot:
+        console.print(f"written {plot(json.loads(a.out.read_text())['entries'], a.out.with_suffix('.png'))}")
+        return
 
     import torch
 
@@ -123,7 +127,8 @@ def plot(entries: list[dict], out: Path) -> Path | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
-    for e in entries:
+    colours = plt.cm.tab20.colors
+    for i, e in enumerate(entries):
         chains = [c for c in e["configs"] if c.startswith("chain")]
         if not chains:
             continue
@@ -134,7 +139,7 @@ def plot(entries: list[dict], out: Path) -> Path | None:
         for ax, key in zip(axes, ("mean", "train_valid_score")):
             xs = [e["scores"][n][key] for n in names]
             ys = [100 * (e["tau"][c][n] / base - 1) for n in names]
-            ax.plot(xs, ys, "o", label=label)
+            ax.plot(xs, ys, "os^D"[i % 4], color=colours[i % len(colours)], label=label)
     axes[0].set_xlabel("agreement along the target's greedy lists (mean of steps)")
     axes[1].set_xlabel("training validation score (next real item)")
     for ax in axes:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Is PAD-Rec(HASS)'s τ difference from HASS larger than run-to-run spread, and does the module help a trained head?
+# Is PAD-Rec(HASS)'s τ difference from HASS larger than run-to-run spread, does the module help a trained head, and
+# does training on the target's own lists change either?
 #
-#   [SEED=1] [WARM_EPOCHS=2] [WARM_LR=3e-4] [CHAINS=6,8,10,16] bash benchmarks/seed_warm_padrec.sh [RUN]
+#   [SEED=1] [WARM_EPOCHS=2] [WARM_LR=3e-4] [LIST_USERS=10000] [CHAINS=6,8,10,16] \
+#       bash benchmarks/seed_warm_padrec.sh [RUN]
 #
 # On one run (default runs/quality/games, the dataset where full-data PAD-Rec lost τ to HASS) that already holds
 # the full-data pair hass / padrec-hass (benchmarks/full_data_padrec.sh), this trains
@@ -10,7 +12,9 @@
 #   hass-warm, padrec-hass-warm             both start from the trained hass and train WARM_EPOCHS more at
 #                                           WARM_LR; PAD-Rec's module starts as the identity, so the pair
 #                                           differs only by the module
-# then benches all six drafts in one process (100 users, chains and the calibrated tree) and prints each
+#   hass-lists, padrec-hass-lists           the same warm start, with the target's greedy lists for LIST_USERS
+#                                           training users added to the training windows (--list-train-users)
+# then benches all eight drafts in one process (100 users, chains and the calibrated tree) and prints each
 # comparison with benchmarks/draft_gain.py. Drafts already trained are reused. Training runs one draft at a time
 # on THREADS threads (default 2).
 set -euo pipefail
@@ -21,6 +25,7 @@ RUN=${1:-runs/quality/games}
 SEED=${SEED:-1}
 WARM_EPOCHS=${WARM_EPOCHS:-2}
 WARM_LR=${WARM_LR:-3e-4}
+LIST_USERS=${LIST_USERS:-10000}
 THREADS=${THREADS:-2}
 CHAINS=${CHAINS:-6,8,10,16}
 for name in hass padrec-hass; do
@@ -35,12 +40,16 @@ train "hass-seed$SEED" --draft hass --epochs 6 --seed "$SEED"
 train "padrec-hass-seed$SEED" --draft padrec --base hass --epochs 6 --seed "$SEED"
 train hass-warm --draft hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
 train padrec-hass-warm --draft padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
+train hass-lists --draft hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR" --list-train-users "$LIST_USERS"
+train padrec-hass-lists --draft padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR" \
+  --list-train-users "$LIST_USERS"
 preset=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['train_config']['preset'])" "$RUN/target/padrec.json")
 out=benchmarks/results/seed_warm_$(basename "$RUN")_${preset}.json
-$PADREC bench --run "$RUN" --drafts "hass,padrec-hass,hass-seed$SEED,padrec-hass-seed$SEED,hass-warm,padrec-hass-warm" \
+$PADREC bench --run "$RUN" --drafts "hass,padrec-hass,hass-seed$SEED,padrec-hass-seed$SEED,hass-warm,padrec-hass-warm,hass-lists,padrec-hass-lists" \
   --users 100 --warmup 5 --no-naive --no-hf --chain "$CHAINS" --tree "16,4,48,cal@0.1" --threads 2 --out "$out"
 for pair in "padrec-hass hass" "padrec-hass-seed$SEED hass-seed$SEED" "hass-seed$SEED hass" \
-            "padrec-hass-seed$SEED padrec-hass" "padrec-hass-warm hass-warm" "hass-warm hass"; do
+            "padrec-hass-seed$SEED padrec-hass" "padrec-hass-warm hass-warm" "hass-warm hass" \
+            "padrec-hass-lists hass-lists" "hass-lists hass-warm"; do
   set -- $pair
   echo "== $1 against $2"
   $PY benchmarks/draft_gain.py "$out" --draft "$1" --base "$2"
