@@ -68,8 +68,6 @@ def main() -> None:
             if len(names) < 2:
                 continue
             scores = {r["draft"]: r for r in list_agreement(run, names, users=a.users, steps=a.steps)}
-            for n in names:
-                scores[n]["train_valid_score"] = read_draft_meta(draft_dir(run, n))["valid_score"]
             taus = {(r["decoder"].removeprefix("sd "), r["draft"]): r["tau"] for r in e["rows"]
                     if r["decoder"].startswith("sd ") and r["draft"] in scores}
             configs = list(dict.fromkeys(c for c, _ in taus))

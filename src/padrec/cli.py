@@ -199,12 +199,12 @@ def cmd_train_draft(a) -> None:
     unknown = off - {"ipe", "spe", "gate", "alpha"}
     if unknown:
         raise PadrecError(f"--ablate takes ipe,spe,gate,alpha; unknown: {', '.join(sorted(unknown))}")
-    cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                           time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
+    cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                           seed=a.seed, time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
                            hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
                            gate="gate" not in off, learn_alpha="alpha" not in off, align=a.align,
-                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from, list_valid_users=a.list_valid_users,
-                           list_train_users=a.list_train_users)
+                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from,
+                           list_valid_users=a.list_valid_users, list_train_users=a.list_train_users)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
     console.print(table(hist, title=f"draft {out['name']} ({out['n_params'] / 1e6:.2f}M parameters)"))

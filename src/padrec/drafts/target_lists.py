@@ -56,7 +56,7 @@ def train_list_examples(run, target, users: int, n_items: int = 10, seed: int = 
     if cache.is_file():
         try:
             return [(ids, labels) for ids, labels in json.loads(cache.read_text())]
-        except (json.JSONDecodeError, ValueError):
+        except ValueError:  # bad JSON or a malformed entry
             pass  # a corrupt cache is regenerated, not trusted
     rng = random.Random(seed)
     seqs = [s for s in run.dataset.train_sequences() if len(s) >= 2]
@@ -67,8 +67,9 @@ def train_list_examples(run, target, users: int, n_items: int = 10, seed: int = 
     examples = []
     with tqdm(total=len(prompts), desc="target lists for training", unit="list", disable=not progress) as bar:
         for start in range(0, len(prompts), 1024):
-            examples += _list_examples(run, target, prompts[start : start + 1024], n_items, batch_size)
-            bar.update(min(1024, len(prompts) - start))
+            chunk = prompts[start : start + 1024]
+            examples += _list_examples(run, target, chunk, n_items, batch_size)
+            bar.update(len(chunk))
     atomic_write_text(cache, json.dumps(examples))
     return examples
 
@@ -110,5 +111,6 @@ def list_agreement(run, names: list[str], users: int = 200, steps: int = 6, spli
         rows.append({"draft": name, "kind": meta["kind"], "users": len(examples),
                      "agreement_by_step": by_step, "mean": sum(by_step) / len(by_step),
                      "agreement_per_level": val["valid_agreement_per_level"],
-                     "train_valid_agreement_by_step": meta.get("valid_agreement_by_step")})
+                     "train_valid_agreement_by_step": meta.get("valid_agreement_by_step"),
+                     "train_valid_score": meta.get("valid_score")})
     return rows
