@@ -1,0 +1,114 @@
+"""PAD-Rec against its base averaged over training seeds, from `padrec bench` JSON files:
+
+    .venv/bin/python benchmarks/seed_spread.py benchmarks/results/seed_warm_*.json \\
+        benchmarks/results/full_data_*.json [--draft padrec-hass] [--base hass] [--out F.json] [--markdown]
+
+A draft trained with `--seed N` is named `<name>-seed<N>` (benchmarks/seed_warm_padrec.sh); the draft without a
+suffix is seed 0. τ of a draft on a run is deterministic (the same test users, greedy lists equal to AR's), so
+τ from different files of one run can be pooled; speedups cannot (they are only comparable within one process)
+and are left out. For every run and decoder configuration with at least two seeds of both drafts: τ of each
+seed, the mean τ of each draft, the difference of the means (Δτ %) and the spread over seeds (sample standard
+deviation, % of the mean). A difference of means smaller than the spread is not evidence either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from statistics import mean, stdev
+
+from padrec.ui import console, markdown, table
+
+
+def seed_of(draft: str, name: str) -> int | None:
+    """0 for `name` itself, N for `name-seedN`, None for any other draft."""
+    if draft == name:
+        return 0
+    m = re.fullmatch(re.escape(name) + r"-seed(\d+)", draft)
+    return int(m.group(1)) if m else None
+
+
+def collect(files: list[str]) -> dict[tuple[str, str, str], float]:
+    """τ by (run, decoder, draft) over every file; the same draft benched twice must give the same τ."""
+    taus: dict[tuple[str, str, str], float] = {}
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        for r in res["rows"]:
+            if not r["decoder"].startswith("sd "):
+                continue
+            if r["identical_to_ar"] != f"{res['users']}/{res['users']}":
+                raise SystemExit(f"{f}: {r['draft']} {r['decoder']} differs from AR ({r['identical_to_ar']})")
+            key = (res["run"], r["decoder"].removeprefix("sd "), r["draft"])
+            if key in taus and abs(taus[key] - r["tau"]) > 1e-6 * taus[key]:
+                raise SystemExit(f"{f}: τ of {key} is {r['tau']} here and {taus[key]} in an earlier file: "
+                                 "were the users or the drafts different?")
+            taus[key] = r["tau"]
+    return taus
+
+
+def spread(taus: dict[tuple[str, str, str], float], draft: str, base: str) -> list[dict]:
+    by_config: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for (run, decoder, name), tau in taus.items():
+        for role, model in (("draft", draft), ("base", base)):
+            seed = seed_of(name, model)
+            if seed is not None:
+                by_config.setdefault((run, decoder), {"draft": {}, "base": {}})[role][seed] = tau
+    rows = []
+    for (run, decoder), seeds in by_config.items():
+        d, b = seeds["draft"], seeds["base"]
+        if len(d) < 2 or len(b) < 2:
+            continue
+        md, mb = mean(d.values()), mean(b.values())
+        rows.append({
+            "run": run, "decoder": decoder,
+            f"τ {base} by seed": " ".join(f"{s}:{b[s]:.2f}" for s in sorted(b)),
+            f"τ {draft} by seed": " ".join(f"{s}:{d[s]:.2f}" for s in sorted(d)),
+            f"mean τ {base}": round(mb, 2), f"mean τ {draft}": round(md, 2),
+            "Δτ of means %": round(100 * (md / mb - 1), 1),
+            f"spread {base} %": round(100 * stdev(b.values()) / mb, 1),
+            f"spread {draft} %": round(100 * stdev(d.values()) / md, 1),
+        })
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["run"], []).append(r)
+    out = []
+    for run, g in groups.items():
+        gains = [r["Δτ of means %"] for r in g]
+        spreads = [v for r in g for k, v in r.items() if k.startswith("spread ")]
+        out.append({"run": run, "configs": len(g), "above base": sum(x > 0 for x in gains),
+                    "mean Δτ of means %": round(mean(gains), 1), "min %": min(gains), "max %": max(gains),
+                    "mean spread %": round(mean(spreads), 1)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--draft", default="padrec-hass")
+    ap.add_argument("--base", default="hass")
+    ap.add_argument("--out", help="write the rows and the summary as JSON here")
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    rows = spread(collect(a.files), a.draft, a.base)
+    if not rows:
+        raise SystemExit(f"no configuration has two seeds of both {a.draft!r} and {a.base!r} in {a.files}")
+    summ = summary(rows)
+    for title, body in ((f"{a.draft} vs {a.base}, τ over seeds", rows), ("per run", summ)):
+        if a.markdown:
+            print(f"\n{title}\n\n{markdown(body)}")
+        else:
+            console.print(table(body, title=title))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"command": "benchmarks/seed_spread.py " + " ".join(a.files),
+                                           "draft": a.draft, "base": a.base, "rows": rows, "summary": summ},
+                                          indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
