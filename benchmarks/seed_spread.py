@@ -63,6 +63,7 @@ def spread(taus: dict[tuple[str, str, str], float], draft: str, base: str) -> li
         md, mb = mean(d.values()), mean(b.values())
         rows.append({
             "run": run, "decoder": decoder,
+            "by seed": {base: b, draft: d},
             f"τ {base} by seed": " ".join(f"{s}:{b[s]:.2f}" for s in sorted(b)),
             f"τ {draft} by seed": " ".join(f"{s}:{d[s]:.2f}" for s in sorted(d)),
             f"mean τ {base}": round(mb, 2), f"mean τ {draft}": round(md, 2),
@@ -99,7 +100,10 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no configuration has two seeds of both {a.draft!r} and {a.base!r} in {a.files}")
     summ = summary(rows)
-    for title, body in ((f"{a.draft} vs {a.base}, τ over seeds", rows), ("per run", summ)):
+    # numbers as rounded above (the table would print four decimals)
+    shown = [{k: str(v) for k, v in r.items() if k != "by seed"} for r in rows]
+    for title, body in ((f"{a.draft} vs {a.base}, τ over seeds", shown),
+                        ("per run", [{k: str(v) for k, v in r.items()} for r in summ])):
         if a.markdown:
             print(f"\n{title}\n\n{markdown(body)}")
         else:
@@ -108,6 +112,43 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"command": "benchmarks/seed_spread.py " + " ".join(a.files),
                                            "draft": a.draft, "base": a.base, "rows": rows, "summary": summ},
                                           indent=1, ensure_ascii=False))
+        png = plot(rows, a.base, a.draft, Path(a.out).with_suffix(".png"))
+        console.print(f"written {a.out}" + (f" and {png}" if png else ""))
+
+
+def plot(rows: list[dict], base: str, draft: str, out: Path) -> Path | None:
+    """Per run: τ of every seed of both drafts relative to the base's mean, per configuration, means joined."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        g = [r for r in rows if r["run"] == run]
+        for k, (name, marker, colour) in enumerate(((base, "o", "tab:blue"), (draft, "^", "tab:orange"))):
+            means = []
+            for i, r in enumerate(g):
+                ref = r[f"mean τ {base}"]
+                rel = [100 * (t / ref - 1) for t in r["by seed"][name].values()]
+                ax.plot([i + 0.1 * (2 * k - 1)] * len(rel), rel, marker, color=colour, alpha=0.6,
+                        label=f"{name} (one seed)" if i == 0 else None)
+                means.append(100 * (r[f"mean τ {name}"] / ref - 1))
+            ax.plot([i + 0.1 * (2 * k - 1) for i in range(len(g))], means, "-", color=colour,
+                    label=f"{name} (mean)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks(range(len(g)), [r["decoder"].split("cal")[0] for r in g], rotation=30, fontsize=7)
+        ax.set_title(run, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"τ relative to {base}'s mean over seeds (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
