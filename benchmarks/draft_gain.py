@@ -58,13 +58,18 @@ def shown(rows: list[dict]) -> list[dict]:
     return [{k: fmt(k, v) for k, v in r.items()} for r in rows]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pair_parser(doc: str) -> argparse.ArgumentParser:
+    """Arguments of a script comparing one draft with its base over bench files (this one, seed_spread.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--draft", default="padrec-hass")
     ap.add_argument("--base", default="hass")
     ap.add_argument("--markdown", action="store_true")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = pair_parser(__doc__).parse_args()
     rows = [g for f in a.files for g in gains(json.loads(Path(f).read_text()), a.draft, a.base)]
     if not rows:
         raise SystemExit(f"no configuration was timed with both {a.draft!r} and {a.base!r} in {a.files}")

@@ -24,7 +24,7 @@ from padrec.drafts.registry import FEATURE_KINDS, draft_dir, read_draft_meta
 from padrec.pipeline import machine_description
 from padrec.run import Run
 from padrec.tokenizer.semantic_ids import atomic_write_text
-from padrec.ui import console, table
+from padrec.ui import console, pyplot, save_figure, table
 
 
 def bench_entries(path: Path) -> list[dict]:
@@ -117,13 +117,7 @@ def main() -> None:
 
 def plot(entries: list[dict], out: Path) -> Path | None:
     """τ at each run's first chain configuration against either score, one colour per run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
     colours = plt.cm.tab20.colors
     for i, e in enumerate(entries):
@@ -144,10 +138,7 @@ def plot(entries: list[dict], out: Path) -> Path | None:
         ax.set_ylabel("τ relative to the run's first draft (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from padrec.tokenizer.semantic_ids import atomic_write_text
-from padrec.ui import console, markdown, table
+from padrec.ui import console, markdown, pyplot, save_figure, table
 
 RESULTS = Path(__file__).parent / "results"
 MAIN = ("st-lm", "st-eagle", "st-hass", "st-padrec-eagle", "st-padrec-hass")
@@ -89,20 +89,14 @@ def gain_rows(runs: dict, ablations: bool) -> list[dict]:
 
 
 def plot(gains: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{g['run']}\n{g['draft']} {g['decoder'].removeprefix('sd ')}" for g in gains]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(gains)), 4))
     ax.bar(range(len(gains)), [g["Δτ %"] for g in gains], color=["C0" if g["Δτ %"] >= 0 else "C3" for g in gains])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(gains)), labels, rotation=75, fontsize=6)
     ax.set(ylabel="Δτ vs base draft (%)", title="PAD-Rec: acceptance length against its own base draft")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main() -> None:

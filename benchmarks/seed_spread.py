@@ -13,13 +13,13 @@ deviation, % of the mean). A difference of means smaller than the spread is not 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 from statistics import mean, stdev
 
-from padrec.ui import console, markdown, table
+from draft_gain import pair_parser
+from padrec.ui import console, markdown, pyplot, save_figure, table
 
 
 def seed_of(draft: str, name: str) -> int | None:
@@ -89,12 +89,8 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--draft", default="padrec-hass")
-    ap.add_argument("--base", default="hass")
-    ap.add_argument("--out", help="write the rows and the summary as JSON here")
-    ap.add_argument("--markdown", action="store_true")
+    ap = pair_parser(__doc__)
+    ap.add_argument("--out", help="write the rows and the summary as JSON (and a PNG beside it) here")
     a = ap.parse_args()
     rows = spread(collect(a.files), a.draft, a.base)
     if not rows:
@@ -118,13 +114,7 @@ def main() -> None:
 
 def plot(rows: list[dict], base: str, draft: str, out: Path) -> Path | None:
     """Per run: τ of every seed of both drafts relative to the base's mean, per configuration, means joined."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     runs = list(dict.fromkeys(r["run"] for r in rows))
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4), sharey=True, squeeze=False)
     for ax, run in zip(axes[0], runs):
@@ -145,10 +135,7 @@ def plot(rows: list[dict], base: str, draft: str, out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"τ relative to {base}'s mean over seeds (%)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@ agrees, and the difference of means and the spread are computed from the right s
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # as when the script runs: it imports draft_gain from its folder
 spec = importlib.util.spec_from_file_location("seed_spread", ROOT / "benchmarks" / "seed_spread.py")
 seed_spread = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(seed_spread)

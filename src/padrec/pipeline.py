@@ -17,7 +17,7 @@ from padrec.evaluation.evaluate import RankConfig, evaluate_cases
 from padrec.run import Run
 from padrec.tokenizer.build import TokenizerConfig, build_semantic_ids, format_tokenizer_report
 from padrec.tokenizer.semantic_ids import atomic_write_text
-from padrec.ui import console, table
+from padrec.ui import console, pyplot, save_figure, table
 
 
 def cache_dir() -> Path:
@@ -96,11 +96,7 @@ def plot_training_curve(run: Run) -> Path | None:
     hist_file = run.path / "train_history.json"
     if not hist_file.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     hist = json.loads(hist_file.read_text())
     epochs = [h["epoch"] for h in hist]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -112,7 +108,4 @@ def plot_training_curve(run: Run) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     out = run.results_dir / "training_curve.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -1,9 +1,10 @@
-"""Console output shared by the CLI and the benchmark scripts: one rich console, tables from lists of dicts (rich,
-or markdown for notes and the README)."""
+"""Output shared by the CLI and the benchmark scripts: one rich console, tables from lists of dicts (rich, or
+markdown for notes and the README), and PNG figures."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -32,3 +33,21 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (the Agg backend: servers and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out) -> Path:
+    """Lay out, write as PNG and free the figure (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)
+    return Path(out)

@@ -32,6 +32,7 @@ from padrec.run import Run
 from padrec.speculative.decoder import SpecConfig, speculative_generate
 from padrec.speculative.tree import TreeConfig
 from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.ui import pyplot, save_figure
 
 
 @dataclass
@@ -187,11 +188,7 @@ def plot_acceptance(result: dict, out) -> object | None:
     rows = [r for r in result["rows"] if "accept_by_depth" in r]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
         label = f"{r['draft']}: {r['decoder']}"
@@ -206,7 +203,4 @@ def plot_acceptance(result: dict, out) -> object | None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
