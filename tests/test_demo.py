@@ -23,3 +23,6 @@ def test_demo_quick_runs_every_step(synth_env, tmp_path, capsys):
     assert (out / "results" / "bench.png").is_file()
     printed = capsys.readouterr().out
     assert "run directory" in printed and str(out) in printed
+    fastest = max((r for r in summary["bench"]["rows"] if r["decoder"].startswith("sd ")), key=lambda r: r["speedup"])
+    # the console wraps at its width: compare with the line breaks turned back into spaces
+    assert f"{fastest['decoder']} with {fastest['draft']}, {fastest['speedup']:.2f}×" in " ".join(printed.split())
