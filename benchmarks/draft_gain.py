@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from statistics import mean
 
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.ui import console, markdown, table
 
 
@@ -22,7 +23,7 @@ def gains(res: dict, draft: str, base: str) -> list[dict]:
     rows = {(r["decoder"], r["draft"]): r for r in res["rows"]}
     ar = rows[("ar", "-")]
     out = []
-    for decoder in dict.fromkeys(r["decoder"] for r in res["rows"] if r["decoder"].startswith("sd ")):
+    for decoder in dict.fromkeys(r["decoder"] for r in speculative_rows(res["rows"])):
         a, b = rows.get((decoder, draft)), rows.get((decoder, base))
         if a is None or b is None:
             continue

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from padrec.drafts.target_lists import list_agreement
 from padrec.drafts.registry import FEATURE_KINDS, draft_dir, read_draft_meta
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.pipeline import machine_description
 from padrec.run import Run
 from padrec.tokenizer.semantic_ids import atomic_write_text
@@ -68,8 +69,8 @@ def main() -> None:
             if len(names) < 2:
                 continue
             scores = {r["draft"]: r for r in list_agreement(run, names, users=a.users, steps=a.steps)}
-            taus = {(r["decoder"].removeprefix("sd "), r["draft"]): r["tau"] for r in e["rows"]
-                    if r["decoder"].startswith("sd ") and r["draft"] in scores}
+            taus = {(r["decoder"].removeprefix("sd "), r["draft"]): r["tau"] for r in speculative_rows(e["rows"])
+                    if r["draft"] in scores}
             configs = list(dict.fromkeys(c for c, _ in taus))
             entries.append({**e, "drafts": names, "scores": scores, "configs": configs,
                             "tau": {c: {n: taus[(c, n)] for n in names if (c, n) in taus} for c in configs}})

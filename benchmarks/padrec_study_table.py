@@ -14,6 +14,7 @@ import glob
 import json
 from pathlib import Path
 
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.tokenizer.semantic_ids import atomic_write_text
 from padrec.ui import console, markdown, pyplot, save_figure, table
 
@@ -63,7 +64,7 @@ def compact_rows(runs: dict) -> list[dict]:
     out = []
     for res in runs.values():
         ar = next(r for r in res["rows"] if r["decoder"] == "ar")
-        for decoder in dict.fromkeys(r["decoder"] for r in res["rows"] if r["decoder"].startswith("sd ")):
+        for decoder in dict.fromkeys(r["decoder"] for r in speculative_rows(res["rows"])):
             rows = {r["draft"]: r for r in res["rows"] if r["decoder"] == decoder}
             same = all(r["identical_to_ar"] == f"{res['users']}/{res['users']}" for r in rows.values())
             out.append({"run": run_label(res), "decoder": decoder, "AR ms": round(ar["median_ms"], 1),

@@ -29,6 +29,7 @@ from padrec.evaluation.bench import (
     run_bench,
     save_run_results,
 )
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.run import Run
 from padrec.speculative.tree import TreeConfig
 from padrec.ui import console, table
@@ -92,7 +93,7 @@ def summary_rows(results: dict) -> list[dict]:
         rows = {r["decoder"] + "/" + r["draft"]: r for r in res["rows"]}
         ar = rows["ar/-"]
         ar_hf = rows.get("ar-hf/-")
-        sd = [r for r in res["rows"] if r["decoder"].startswith("sd ")]
+        sd = speculative_rows(res["rows"])
         if not sd:
             continue
         best = max(sd, key=lambda r: r["speedup"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from draft_gain import pair_parser
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.ui import console, markdown, pyplot, save_figure, table
 
 
@@ -35,9 +36,7 @@ def collect(files: list[str]) -> dict[tuple[str, str, str], float]:
     taus: dict[tuple[str, str, str], float] = {}
     for f in files:
         res = json.loads(Path(f).read_text())
-        for r in res["rows"]:
-            if not r["decoder"].startswith("sd "):
-                continue
+        for r in speculative_rows(res["rows"]):
             if r["identical_to_ar"] != f"{res['users']}/{res['users']}":
                 raise SystemExit(f"{f}: {r['draft']} {r['decoder']} differs from AR ({r['identical_to_ar']})")
             key = (res["run"], r["decoder"].removeprefix("sd "), r["draft"])

@@ -29,6 +29,7 @@ from torch import nn
 from padrec.drafts.eagle import EagleDraft
 from padrec.drafts.registry import load_draft
 from padrec.evaluation.bench import BenchConfig, run_bench, save_run_results
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.run import Run
 from padrec.speculative.tree import TreeConfig
 from padrec.ui import console, table
@@ -80,7 +81,7 @@ def main() -> None:
              f"acceptance by depth (| after depth {trained})": "{} | {}".format(
                  " ".join(f"{x:.2f}" for x in r["accept_by_depth"][:trained] if x is not None),
                  " ".join(f"{x:.2f}" for x in r["accept_by_depth"][trained:] if x is not None))}
-            for r in res["rows"] if r["decoder"].startswith("sd ")]
+            for r in speculative_rows(res["rows"])]
     rows.sort(key=lambda r: (int(r["decoder"].removeprefix("chain")), r["draft"]))
     console.print(table(rows, title=f"{run.path}: step embedding beyond trained depth {trained - 1}"))
     if a.out:

@@ -11,6 +11,7 @@ import torch
 from padrec.drafts.registry import load_draft
 from padrec.drafts.train import DraftTrainConfig, train_draft
 from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
+from padrec.evaluation.bench_rows import speculative_rows
 from padrec.evaluation.evaluate import RankConfig
 from padrec.pipeline import evaluate, machine_description, metrics_table, plot_training_curve, tokenize
 from padrec.run import Run
@@ -85,7 +86,7 @@ def run_demo(out: Path, dataset: str = "beauty", preset: str = "small", time_bud
     console.print(table(display_rows(bench["rows"]),
                         title=f"batch-1 latency, {bench['users']} test users, {bench['n_items']} items "
                               f"(speedup = AR time / decoder time, median over users)"))
-    best = max((r for r in bench["rows"] if r["decoder"].startswith("sd ")), key=lambda r: r["speedup"])
+    best = max(speculative_rows(bench["rows"]), key=lambda r: r["speedup"])
     console.print(f"fastest speculative configuration in this run: {best['decoder']} with {best['draft']}, "
                   f"{best['speedup']:.2f}× at τ {best['tau']:.2f}.")
     console.print("ar: our decoder (fused target path), the baseline of every speedup; ar-hf: the same decoder with "

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from padrec import PadrecError
 from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference
 from padrec.decoding.trie import ItemTrie
+from padrec.evaluation.bench_rows import SPECULATIVE
 from padrec.evaluation.metrics import ranking_metrics
 from padrec.models.fast_target import use_fast_target
 from padrec.pipeline import device_name, machine_description
@@ -108,7 +109,7 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
     for dname, draft in drafts.items():
         for tree in cfg.trees:
             spec = SpecConfig(tree=tree)
-            decoders.append((f"sd {tree.label}", dname,
+            decoders.append((SPECULATIVE + tree.label, dname,
                              lambda p, d=draft, s=spec: speculative_generate(model, d, p, trie, gen_cfg, s)))
 
     times = {i: [] for i in range(len(decoders))}
