@@ -141,8 +141,7 @@ def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def cleanup() -> None:
     """Leave the process group together: a rank that tore down its gloo group while a peer was still finishing
-    its last collective once aborted at exit (`terminate called without an active exception`, 1 run in ~50)."""
+    its last collective aborted once at exit (`terminate called without an active exception`)."""
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
         dist.destroy_process_group()
