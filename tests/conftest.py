@@ -8,6 +8,7 @@ fixtures set them only while they build).
 from __future__ import annotations
 
 import csv
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -15,8 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
-torch.set_num_threads(1)
+from helpers import pin_threads
+
+pin_threads()
+# Property tests draw the same examples on every run and machine (a CI failure reproduces anywhere, and a green run
+# means the same thing on the next clone); HYPOTHESIS_PROFILE=explore draws new ones, to look for failures.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SYNTH = "synth"
 KINDS = ["shirt", "mug", "lamp", "book", "sock", "chair"]  # one group (category) of 10 items each
@@ -85,7 +94,7 @@ def synth_env(synth_data, monkeypatch) -> SynthData:
     """Point padrec at the synthetic data root and a temporary cache for one test."""
     for k, v in synth_data.env().items():
         monkeypatch.setenv(k, v)
-    torch.set_num_threads(1)
+    pin_threads()
     return synth_data
 
 
@@ -115,7 +124,7 @@ def trained_run(synth_data, tokenized_run, tmp_path_factory) -> Path:
         for k, v in synth_data.env().items():
             mp.setenv(k, v)
         rc = main(["train-target", "--run", str(run), "--preset", "tiny", "--epochs", "2", "--threads", "1"])
-    torch.set_num_threads(1)
+    pin_threads()
     assert rc == 0
     return run
 

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
 
 from padrec.speculative.calibration import RANKS, AcceptanceModel
+
+# Tests run torch with this many intra-op threads (default 1, the CI setting). `PADREC_TEST_THREADS=2 make test`
+# runs the suite with 2: nothing it asserts may depend on the thread count, which changes how float32 matmuls and
+# reductions split their sums.
+TEST_THREADS = int(os.environ.get("PADREC_TEST_THREADS", "1"))
+
+
+# Two float32 implementations of the same function (fused vs module path, a tree vs separate branches) sum their
+# products in different orders, so a logit of size ~10 differs by a few float32 ulps of 10 (1.2e-6 each): 3.3e-6 is
+# the most seen (AVX-512 and AVX2 kernels, 1 and 2 threads). 5e-5 leaves 15 times that, and an implementation error
+# (a wrong mask, position or weight) moves logits by 1e-2 or more.
+FLOAT32_LOGITS_ATOL = 5e-5
+
+
+def assert_same_argmax_where_decided(a: torch.Tensor, b: torch.Tensor, atol: float = FLOAT32_LOGITS_ATOL) -> None:
+    """Arg-max equality of two logit tensors in every row where the reference `b` has a top-two gap above 2 * atol:
+    closer than that, logits that agree to `atol` may rank either first, depending on the CPU's rounding."""
+    top2 = b.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 2 * atol
+    assert torch.equal(a.argmax(-1)[decided], b.argmax(-1)[decided])
+
+
+def pin_threads() -> None:
+    """Put torch back on the suite's thread count (CLI commands under test set their own)."""
+    torch.set_num_threads(TEST_THREADS)
 
 
 def perturb(model, seed: int, scale: float = 0.3):

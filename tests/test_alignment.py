@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import pin_threads
 from padrec import PadrecError
 from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
@@ -25,7 +26,7 @@ from padrec.drafts.alignment import (
 from padrec.drafts.train import DraftTrainConfig, draft_loss
 from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
 
-torch.set_num_threads(1)
+pin_threads()
 
 
 def _logits(n=6, v=9, seed=0):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from helpers import pin_threads
 from padrec.cli import main
 from padrec.run import Run
 
@@ -29,7 +30,7 @@ def test_train_and_evaluate_with_base_model(synth_env, tiny_qwen2, tmp_path):
                  "--codebook-size", "8"]) == 0
     assert main(["train-target", "--run", str(run_dir), "--base-model", str(tiny_qwen2), "--epochs", "1",
                  "--threads", "1"]) == 0
-    torch.set_num_threads(1)
+    pin_threads()
 
     run = Run(run_dir)
     vocab = run.sids.vocab.size
@@ -61,7 +62,7 @@ def test_train_and_evaluate_with_base_model(synth_env, tiny_qwen2, tmp_path):
     # the rest of docs/BRING_YOUR_OWN_MODEL.md: a feature-level draft for the fine-tuned Qwen2, then speculative
     # decoding, which must give the autoregressive lists token for token, and the benchmark
     assert main(["train-draft", "--run", str(run_dir), "--draft", "eagle", "--epochs", "1", "--threads", "1"]) == 0
-    torch.set_num_threads(1)
+    pin_threads()
     draft_meta = json.loads((run_dir / "drafts" / "eagle" / "draft.json").read_text())
     assert draft_meta["identity"]["target_hidden_size"] == 32 and draft_meta["identity"]["vocab_size"] == vocab
     sd = tmp_path / "sd.jsonl"

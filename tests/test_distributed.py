@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from helpers import pin_threads
 import padrec.training.distributed as dist
 from padrec.cli import main
 from padrec.models.checkpoint import load_checkpoint
@@ -114,7 +115,7 @@ def two_runs(synth_data, tokenized_run, tmp_path_factory):
             mp.setenv(k, v)
         proc = torchrun(["train-target", "--run", str(multi), *TRAIN])
         assert main(["train-target", "--run", str(single), *TRAIN]) == 0
-    torch.set_num_threads(1)
+    pin_threads()
     return multi, single, proc
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import perturb
+from helpers import FLOAT32_LOGITS_ATOL, perturb, pin_threads
 
 from padrec import PadrecError
 from padrec.drafts.base import Draft
@@ -27,7 +27,7 @@ from padrec.tokenizer.semantic_ids import SemanticIDs
 from padrec.tokenizer.vocab import SIDVocab
 from padrec.training.sequences import IGNORE, collate
 
-torch.set_num_threads(1)
+pin_threads()
 V = 40
 CTX = [1, 5, 9, 3, 12, 7, 3]
 
@@ -57,7 +57,7 @@ def test_eagle_chain_equals_sequential_commits():
     ref = []
     for t in chain:  # commit each token with the draft's own predicted feature of its parent
         ref.append(ref_s.commit([t], ref_s.last_feature[None].clone()))
-    assert torch.allclose(got, torch.stack(ref), atol=1e-5)
+    assert torch.allclose(got, torch.stack(ref), atol=FLOAT32_LOGITS_ATOL)
     assert got.shape == (len(chain), V)
 
 
@@ -72,11 +72,11 @@ def test_eagle_two_branch_tree_equals_separate_branches():
         b = draft.new_session()
         b.commit(CTX, _feats(len(CTX)))
         ref = [b.propose([-1], [branch[0]], [1]), b.propose([0], [branch[1]], [2]), b.propose([1], [branch[2]], [3])]
-        assert torch.allclose(torch.stack(rows), torch.cat(ref), atol=1e-5)
+        assert torch.allclose(torch.stack(rows), torch.cat(ref), atol=FLOAT32_LOGITS_ATOL)
     b = draft.new_session()
     b.commit(CTX, _feats(len(CTX)))
     ref = [b.propose([-1], [20], [1]), b.propose([0], [22], [2]), b.propose([1], [25], [3])]
-    assert torch.allclose(l3[2], ref[2][0], atol=1e-5)
+    assert torch.allclose(l3[2], ref[2][0], atol=FLOAT32_LOGITS_ATOL)
     with pytest.raises(ValueError):
         s.propose([6], [1], [5])  # wrong depth for its parent
 
@@ -97,7 +97,7 @@ def test_eagle_rollback_restores_exactly():
     s.rollback()
     after = s.commit([11, 13], feats[len(CTX):])  # commit also works in two pieces
     whole = draft.new_session().commit(CTX + [11, 13], feats)
-    assert torch.allclose(after, whole, atol=1e-5)
+    assert torch.allclose(after, whole, atol=FLOAT32_LOGITS_ATOL)
     assert first.shape == (V,)
 
 
@@ -117,7 +117,7 @@ def test_training_layout_matches_session():
     for i, (x, h) in enumerate(zip(seqs, H)):
         shifted = torch.cat([torch.full((1, 32), 7.0), h[:-1]])  # the first feature is ignored (zeroed)
         got = EagleDraft(model).new_session().commit(x, shifted)
-        assert torch.allclose(out[i, len(x) - 1], got, atol=1e-5)
+        assert torch.allclose(out[i, len(x) - 1], got, atol=FLOAT32_LOGITS_ATOL)
 
 
 def test_target_head_on_last_hidden_state_is_the_logits():
@@ -193,7 +193,7 @@ def draft_run(synth_data, tmp_path_factory):
             mp.setenv(k, v)
         results = {kind: train_draft(run, DraftTrainConfig(kind=kind, **SMALL), progress=False)
                    for kind in ("eagle", "lm", "padrec")}
-    torch.set_num_threads(1)
+    pin_threads()
     return run, results
 
 

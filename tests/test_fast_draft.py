@@ -1,8 +1,8 @@
 """The fused EAGLE inference path (`EagleSession`, drafts/fast_layer.py) == the Hugging Face module path
-(`ReferenceEagleSession`): same logits (float32, 1e-5) and the same arg-max for commits, chains, trees (one depth or
-mixed depths per call), rollback and commits after a rollback, for the EAGLE head, PAD-Rec (its `extra()` is called,
-not re-implemented) and a grouped-query layer; the cached weight layout follows weight updates; the RoPE table
-equals the rotary module beyond its first size."""
+(`ReferenceEagleSession`): same logits (float32, `FLOAT32_LOGITS_ATOL`) and the same arg-max wherever rounding cannot
+decide it, for commits, chains, trees (one depth or mixed depths per call), rollback and commits after a rollback,
+for the EAGLE head, PAD-Rec (its `extra()` is called, not re-implemented) and a grouped-query layer; the cached
+weight layout follows weight updates; the RoPE table equals the rotary module beyond its first size."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from helpers import perturb as _perturb
+from helpers import FLOAT32_LOGITS_ATOL, assert_same_argmax_where_decided, perturb as _perturb, pin_threads
 
 from padrec.drafts.eagle import EagleConfig, EagleDraft, EagleDraftModel, EagleSession, ReferenceEagleSession
 from padrec.drafts.fast_layer import fast_weights
@@ -19,13 +19,14 @@ from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
 from padrec.models.target import build_target
 from padrec.tokenizer.vocab import BOS, SEP
 
-torch.set_num_threads(1)
+pin_threads()
 V = 40
 D = 32
-ATOL = 1e-5
+ATOL = FLOAT32_LOGITS_ATOL
 # Perturbation of the random weights. At 0.2 the logits stay within about +-10, the range of a trained draft's
-# (Beauty: |logit| <= 17). Much stronger weights blow the logits up to |80| at depth 4, where the module path itself
-# is 5e-5 away from its float64 result: an absolute 1e-5 then measures float32 rounding, not the implementation
+# (Beauty: |logit| <= 17), where ATOL is 15 times the float32 rounding between the two paths. Much stronger weights
+# blow the logits up to |80| at depth 4, where the module path itself is 5e-5 away from its float64 result: an
+# absolute tolerance then measures float32 rounding, not the implementation
 # (test_fused_path_is_as_accurate_as_the_module_path covers that regime).
 SCALE = 0.2
 
@@ -65,7 +66,7 @@ class Pair:
     def _same(self, a: torch.Tensor, b: torch.Tensor):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert torch.allclose(a, b, atol=ATOL, rtol=0), (a - b).abs().max()
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert_same_argmax_where_decided(a, b, ATOL)
         self.checked += 1
 
     def commit(self, tokens, feats):
@@ -117,7 +118,9 @@ def test_fused_session_equals_module_session(kind):
 def test_fused_path_is_as_accurate_as_the_module_path(kind):
     """With strong random weights (|logits| up to ~100) both float32 paths are compared with the module path in
     float64: the fused one must not be less accurate. RMS error over every logit of a commit and a 4-level tree, for
-    six models: one model's error is mostly the luck of its rounding (single-model ratios range 0.8 to 1.5)."""
+    six models: one model's error is mostly the luck of its rounding (single-model ratios range 0.8 to 1.5). Pooled,
+    fused / module was 0.80 to 1.04 over AVX-512, AVX2 and scalar kernels; 1.5 asks for the same order of rounding
+    error (a real defect shows as an error of 1e-2, 1000 times this)."""
     errors = {True: [], False: []}
     peak = 0.0
     for seed in range(1, 7):
@@ -141,7 +144,7 @@ def test_fused_path_is_as_accurate_as_the_module_path(kind):
             errors[fast].append(run(EagleDraft(model, fast=fast), torch.float32) - truth)
     rms = {fast: float(torch.cat(e).pow(2).mean().sqrt()) for fast, e in errors.items()}
     assert peak > 10  # the regime where float32 rounding approaches 1e-5
-    assert rms[True] <= 1.25 * rms[False], rms
+    assert rms[True] <= 1.5 * rms[False], rms
 
 
 def test_fused_session_grows_its_buffers():

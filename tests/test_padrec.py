@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from helpers import perturb as _perturb
+from helpers import perturb as _perturb, pin_threads
 
 from padrec.drafts.eagle import EagleDraft, EagleDraftModel
 from padrec.drafts.hass import step_mask, step_mask_reference, unrolled_features
@@ -17,7 +17,7 @@ from padrec.drafts.slots import next_run, slot_of, slots_of
 from padrec.models.target import build_target
 from padrec.tokenizer.vocab import BOS, PAD, SEP
 
-torch.set_num_threads(1)
+pin_threads()
 V = 40
 D = 32
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import uvicorn
 
+from helpers import pin_threads
 from padrec.serving import RecommendService, ServeSettings, create_app
 from padrec.serving.batching import Job, ModelWorker
 
@@ -58,7 +59,7 @@ def draft_run(synth_data, trained_run, tmp_path_factory):
             mp.setenv(k, v)
         train_draft(Run(run), DraftTrainConfig(kind="eagle", epochs=1, batch_size=32, warmup_steps=2,
                                                max_valid_cases=20, threads=1), progress=False)
-    torch.set_num_threads(1)
+    pin_threads()
     return run
 
 

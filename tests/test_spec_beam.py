@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import FeatureRecordingDraft, RandomLogitsDraft
+from helpers import FeatureRecordingDraft, pin_threads, RandomLogitsDraft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,7 +26,7 @@ from padrec.speculative import ModelDraft
 from padrec.speculative.beam import BeamSpecConfig, speculative_beam_search
 from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
 
-torch.set_num_threads(1)
+pin_threads()
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

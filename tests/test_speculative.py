@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import FeatureRecordingDraft, RandomLogitsDraft, perturb, random_acceptance
+from helpers import FeatureRecordingDraft, perturb, pin_threads, random_acceptance, RandomLogitsDraft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -32,7 +32,7 @@ from padrec.speculative import (
 from padrec.speculative.kv import keep_positions
 from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
 
-torch.set_num_threads(1)
+pin_threads()
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from helpers import pin_threads
 from padrec.decoding.autoregressive import GenerationConfig, generate_list
 from padrec.decoding.trie import ItemTrie
 import padrec.drafts.target_lists as tl
@@ -34,7 +35,7 @@ def agree_run(synth_data, trained_run, tmp_path_factory):
             mp.setenv(k, v)
         train_draft(run, DraftTrainConfig(kind="eagle", **SMALL), progress=False)
         res = train_draft(run, DraftTrainConfig(kind="padrec", list_valid_users=6, **SMALL), progress=False)
-    torch.set_num_threads(1)
+    pin_threads()
     return run, res
 
 
