@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from padrec import PadrecError  # noqa: E402
 from padrec.data.dataset import Dataset, ItemInfo, UserSplit, load_dataset  # noqa: E402
-from padrec.data.importer import install_dir, make_temp_dir, write_dataset_dir  # noqa: E402
+from padrec.data.writer import install_dir, make_temp_dir, write_dataset_dir  # noqa: E402
 
 DATASETS = ("beauty", "games", "toys", "yelp")
 

@@ -10,7 +10,7 @@ import pytest
 
 from padrec import PadrecError
 from padrec.data.dataset import Dataset, ItemInfo, UserSplit, list_datasets, load_dataset, load_provided_sids
-from padrec.data.importer import import_dataset
+from padrec.data.importer import ImportOptions, import_dataset
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -214,24 +214,29 @@ INTER_OK = "user,item,timestamp\nu,a,1\nu,b,2\nu,a,3\n"
 @pytest.mark.parametrize(
     "items_text, inter_text, kwargs, message",
     [
-        (ITEMS_OK, "user,item\nu,a\n", {}, r"missing column\(s\) timestamp"),
+        (ITEMS_OK, "user,item\nu,a\n", {}, r"missing column\(s\) timestamp or order"),
         (ITEMS_OK, "user,timestamp\nu,1\n", {}, r"missing column\(s\) item"),
-        ("id,name\na,A\n", INTER_OK, {}, r"missing column\(s\) title"),
-        (ITEMS_OK, "user,item,timestamp\nu,a,1\nu,zzz,2\n", {}, r"unknown item id 'zzz'.*line 3|line 3.*unknown item id 'zzz'"),
-        ("id,title\na,A\nb,  \n", INTER_OK, {}, r"line 3: item 'b' has an empty title"),
-        ("id,title\na,A\nb,B\na,C\n", INTER_OK, {}, r"line 4: duplicate item id 'a'"),
-        (ITEMS_OK, "user,item,timestamp\n", {}, r"no interactions"),
+        ("name,title\nA,a\n", INTER_OK, {}, r"has no id column.*--item-id-col"),
+        (ITEMS_OK, "user,item,timestamp\nu,a,1\nu,zzz,2\n", {"unknown_items": "error"},
+         r"line 3: unknown item id 'zzz'.*--unknown-items drop"),
+        ("id,title\na,A\nb,B\na,C\n", INTER_OK, {"duplicate_items": "error"},
+         r"line 4: item 'a' again \(first on line 2\).*--duplicate-items first"),
+        (ITEMS_OK, "user,item,timestamp\n", {}, r"no interactions left.*the file has no rows"),
         (ITEMS_OK, INTER_OK, {"split": "random"}, r"unknown split 'random'"),
-        (ITEMS_OK, "user,item,timestamp\nu,a,yesterday\n", {}, r"line 2: bad timestamp 'yesterday'"),
-        (ITEMS_OK, "user,item,timestamp\nu,,1\n", {}, r"line 2: empty value in column 'item'"),
+        (ITEMS_OK, "user,item,timestamp\nu,a,yesterday\n", {"bad_rows": "error"},
+         r"line 2: unreadable time \(expected a number or an ISO-8601 date\); pass --bad-rows drop"),
+        (ITEMS_OK, "user,item,timestamp\nu,,1\n", {"bad_rows": "error"}, r"line 2: empty item"),
+        (ITEMS_OK, "user,item,timestamp\nu,a,yesterday\nv,b,\n", {},
+         r"all dropped: 1 unreadable time \(e.g. line 2\); 1 empty time \(e.g. line 3\)"),
     ],
 )
 def test_import_bad_input(tmp_path, items_text, inter_text, kwargs, message):
     items = _write(tmp_path / "items.csv", items_text)
     inter = _write(tmp_path / "inter.csv", inter_text)
     root = tmp_path / "root"
+    split = kwargs.pop("split", "loo")
     with pytest.raises(PadrecError, match=message):
-        import_dataset("bad", inter, items, root=root, **kwargs)
+        import_dataset("bad", inter, items, split=split, root=root, options=ImportOptions(**kwargs))
     assert not (root / "bad").exists()
     assert not root.exists() or list(root.iterdir()) == []  # nothing half-written
 

@@ -84,12 +84,26 @@ def cmd_data(a) -> None:
         s = load_dataset(a.name).stats()
         console.print(table([{"statistic": k, "value": v} for k, v in s.items()], title=a.name))
     elif a.data_cmd == "import":
-        from padrec.data.importer import import_dataset
+        from padrec.data.importer import REPORT_FILE, import_with_report
 
-        path = import_dataset(a.name, Path(a.interactions), Path(a.items), split=a.split, overwrite=a.overwrite)
-        console.print(f"imported {a.name!r} into {path}")
-        s = load_dataset(a.name).stats()
+        items = Path(a.items) if a.items else None
+        path, report = import_with_report(a.name, Path(a.interactions), items, split=a.split,
+                                          overwrite=a.overwrite, options=_import_options(a))
+        console.print(table(report.summary_rows(), title=f"import report: {a.name}"))
+        for note in report.notes:
+            console.print(f"note: {note}")
+        console.print(f"imported {a.name!r} into {path} (report: {path / REPORT_FILE})")
+        s = load_dataset(a.name, path.parent).stats()
         console.print(table([{"statistic": k, "value": v} for k, v in s.items()], title=a.name))
+
+
+def _import_options(a):
+    from padrec.data.fields import ColumnMap
+    from padrec.data.importer import ImportOptions
+
+    columns = ColumnMap(**{f: getattr(a, f"{f}_col") for f in ColumnMap.__dataclass_fields__})
+    return ImportOptions(columns=columns, **{f: getattr(a, f) for f in ImportOptions.__dataclass_fields__
+                                             if f != "columns"})
 
 
 def cmd_tokenize(a) -> None:
@@ -352,6 +366,41 @@ def cmd_serve(a) -> None:
         serve_http(a.run, a.host, a.port, settings)
 
 
+def _import_args(q) -> None:
+    from padrec.data.fields import ColumnMap
+    from padrec.data.importer import POLICIES, ImportOptions
+    from padrec.data.tables import FORMATS
+
+    q.add_argument("--name", required=True)
+    q.add_argument("--interactions", required=True,
+                   help="user, item, timestamp (or order) rows: .csv, .tsv, .jsonl or RecBole .inter (optionally .gz)")
+    q.add_argument("--items", help="id, title[, categories, brand, description] rows: .csv, .tsv, .jsonl or RecBole "
+                   ".item; without it every item comes from the interactions, with no text")
+    q.add_argument("--split", default="loo", choices=["loo", "time"])
+    q.add_argument("--overwrite", action="store_true", help="replace a dataset of that name")
+    for f in ColumnMap.__dataclass_fields__:
+        q.add_argument(f"--{f.replace('_', '-')}-col", dest=f"{f}_col", metavar="NAME",
+                       help=f"column holding the {f.replace('_', ' ')} (default: found by its usual names)")
+    helps = {"unknown_items": "interactions naming an item absent from the items file",
+             "duplicate_items": "item rows repeating an id with other fields",
+             "duplicate_interactions": "rows repeating an earlier (user, item, time)",
+             "bad_rows": "rows with an empty id / time or a time that does not parse",
+             "encoding_errors": "bytes that are not valid in --encoding"}
+    for f, choices in POLICIES.items():
+        q.add_argument(f"--{f.replace('_', '-')}", choices=choices, default=getattr(ImportOptions, f),
+                       help=f"{helps[f]} (default: %(default)s; every one is counted in the report)")
+    q.add_argument("--min-user-interactions", type=int, default=ImportOptions.min_user_interactions, metavar="N",
+                   help="drop users with fewer interactions (default: %(default)s, keep everyone)")
+    q.add_argument("--encoding", default=ImportOptions.encoding, help="text encoding of both files (default: %(default)s)")
+    q.add_argument("--categories-sep", default=ImportOptions.categories_sep,
+                   help="separator of categories in CSV / TSV text (default: %(default)s)")
+    q.add_argument("--delimiter", default=ImportOptions.delimiter,
+                   help="field delimiter of CSV / TSV files (default: ',' for .csv, tab for .tsv)")
+    for f in ("interactions_format", "items_format"):
+        q.add_argument(f"--{f.replace('_', '-')}", choices=FORMATS, default=None,
+                       help="file format (default: from the file name's suffix)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="padrec", description="Fast LLM-based generative recommendation.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -361,12 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.add_parser("list", help="list datasets with their counts")
     q = dsub.add_parser("stats", help="users, items, interactions, split sizes")
     q.add_argument("name")
-    q = dsub.add_parser("import", help="import your own interactions + items files")
-    q.add_argument("--name", required=True)
-    q.add_argument("--interactions", required=True, help="CSV or JSONL: user,item,timestamp|order")
-    q.add_argument("--items", required=True, help="CSV or JSONL: id,title[,categories,brand,description]")
-    q.add_argument("--split", default="loo", choices=["loo", "time"])
-    q.add_argument("--overwrite", action="store_true")
+    q = dsub.add_parser("import", help="import your own interactions + items files (CSV, TSV, JSONL, RecBole)",
+                        description="Import an interaction log and an item table as a dataset. Every row read is "
+                        "accounted for in the printed import report, saved beside the dataset (data/README.md).")
+    _import_args(q)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("tokenize", help="build semantic IDs for a dataset into a new run directory")

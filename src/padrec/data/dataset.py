@@ -20,6 +20,7 @@ from pathlib import Path
 from padrec import PadrecError
 
 PROTOCOLS = ("time", "loo")
+DESCRIPTION_CHARS = 300  # of a description that stands in for a missing title: a few sentences, about a title's worth
 
 
 def data_root() -> Path:
@@ -44,15 +45,20 @@ class ItemInfo:
     title: str
     categories: tuple[str, ...] = ()
     brand: str | None = None
+    description: str | None = None  # imported datasets only; embedded only for an item without a title
 
     def text(self) -> str:
-        """The text that is embedded to build semantic IDs."""
-        parts = [self.title]
+        """The text that is embedded to build semantic IDs: the title, categories and brand. An item without a title
+        (real catalogues have some) is described by the start of its description instead, and one with no text at
+        all by its id, so that it still gets a semantic ID."""
+        parts = [self.title] if self.title else []
+        if not self.title and self.description:
+            parts.append(self.description[:DESCRIPTION_CHARS])
         if self.categories:
             parts.append("Categories: " + ", ".join(self.categories))
         if self.brand:
             parts.append("Brand: " + self.brand)
-        return ". ".join(parts)
+        return ". ".join(parts) or f"Item {self.raw_id}"
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,8 @@ def load_dataset(name: str, root: Path | None = None) -> Dataset:
     if meta.get("protocol") not in PROTOCOLS:
         raise PadrecError(f"dataset {name!r}: meta.json protocol must be one of {PROTOCOLS}")
     items = [
-        ItemInfo(r["id"], r["raw_id"], r["title"], tuple(r.get("categories") or ()), r.get("brand"))
+        ItemInfo(r["id"], r["raw_id"], r["title"], tuple(r.get("categories") or ()), r.get("brand"),
+                 r.get("description"))
         for r in _read_jsonl_gz(path / "items.jsonl.gz")
     ]
     if [it.id for it in items] != list(range(len(items))):
