@@ -4,6 +4,7 @@ groups what queued up, and (when Ray is installed) the same app runs as 2 Ray Se
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -17,6 +18,7 @@ import torch
 import uvicorn
 
 from helpers import pin_threads
+from padrec import PadrecError
 from padrec.serving import RecommendService, ServeSettings, create_app
 from padrec.serving.batching import Job, ModelWorker
 
@@ -192,6 +194,33 @@ def test_malformed_http_requests(server):
     assert client.get("/recommend").status_code == 405
     assert client.get("/nope").status_code == 404
     assert client.get("/health").status_code == 200  # and the server is still fine
+
+
+def test_request_bodies_over_the_cap_get_413(server, histories):
+    client, service = server
+    limit = service.settings.body_limit
+    assert limit == 4096 + 104 * MAX_HISTORY
+    # the longest history the server accepts, with long ids, fits under the default cap
+    longest = {"history": ["I" + "0" * 95 + f"{i % 60:03d}"[-3:] for i in range(MAX_HISTORY)], "k": 5}
+    assert len(json.dumps(longest)) < limit
+    assert post(client, **longest).status_code == 422  # read and checked (these ids are unknown), not refused
+    big = json.dumps({"history": histories[0], "k": 5, "pad": "x" * limit}).encode()
+    r = client.post("/recommend", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert f"is {len(big)} bytes, over this server's limit of {limit} bytes" in r.json()["detail"]
+    assert "--max-body-bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"history": ['
+        for _ in range(limit // 8):
+            yield b'"I000", '
+        yield b'"I000"]}'
+
+    r = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "passed" in r.json()["detail"]
+    assert post(client, history=histories[0], k=5).status_code == 200  # and the server is still fine
+    with pytest.raises(PadrecError, match="max_body_bytes must be >= 1024"):
+        ServeSettings(max_body_bytes=10)
 
 
 def test_sd_without_a_trained_draft(synth_env, trained_run):

@@ -357,7 +357,8 @@ def cmd_serve(a) -> None:
     from padrec.serving.server import serve_http, serve_ray
     from padrec.serving.service import ServeSettings
 
-    settings = ServeSettings(max_history=a.max_history, max_k=a.max_k, max_batch=a.max_batch, threads=a.threads)
+    settings = ServeSettings(max_history=a.max_history, max_k=a.max_k, max_batch=a.max_batch, threads=a.threads,
+                             max_body_bytes=a.max_body_bytes)
     if a.ray:
         serve_ray(a.run, a.host, a.port, settings, replicas=a.replicas)
     elif a.replicas != 1:
@@ -545,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1,
                    help="micro-batching: decode up to N queued greedy AR requests together (faster under load; "
                         "float32 near-ties may then differ from the batch-1 answer); 1: off")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted, 413 beyond (default: room for --max-history long ids)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'padrec[ray]')")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas")
     p.set_defaults(func=cmd_serve)

@@ -3,7 +3,8 @@
 Errors are JSON `{"detail": "<message>"}` (validation errors add `"errors"`, pydantic's list): 400 for a body that
 is not JSON, 415 for a body sent with another content type, 422 for a request that is JSON but wrong (types,
 unknown fields, unknown item ids, k out of range, a mode/decoder combination that does not exist), 404 for a draft
-the run does not have, 503 while shutting down or when a draft on disk fails to load.
+the run does not have, 413 for a body over the server's `max_body_bytes`, 503 while shutting down or when a draft on
+disk fails to load.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from padrec import PadrecError, __version__
 from padrec.serving.batching import ShuttingDown
+from padrec.serving.body_limit import BodyLimit
 from padrec.serving.schemas import HealthResponse, InfoResponse, RecommendRequest, RecommendResponse
 from padrec.serving.service import RecommendService, RequestError
 
@@ -74,6 +76,10 @@ def create_app(service: RecommendService) -> FastAPI:
     app = FastAPI(title="padrec", version=__version__, lifespan=lifespan,
                   description="Generative recommendation with semantic IDs (autoregressive and speculative decoding).")
     app.state.service = service
+    limits = service.settings
+    app.add_middleware(BodyLimit, limit=limits.body_limit,
+                       hint=f"a request holds at most {limits.max_history} history items; the operator can raise the "
+                            "limit with `padrec serve --max-body-bytes N`")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -36,11 +36,19 @@ class ServeSettings:
     # logits tie to ~1e-5 a list can differ from its batch-1 answer (see padrec.serving's docstring)
     max_batch: int = 1
     threads: int | None = None  # torch CPU threads of the model thread
+    # largest request body accepted (413 beyond); None: room for max_history ids of up to ~100 characters each
+    max_body_bytes: int | None = None
 
     def __post_init__(self):
         for name in ("max_history", "max_k", "max_batch"):
             if getattr(self, name) < 1:
                 raise PadrecError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1024:
+            raise PadrecError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+    @property
+    def body_limit(self) -> int:
+        return self.max_body_bytes if self.max_body_bytes is not None else 4096 + 104 * self.max_history
         if self.threads is not None and self.threads < 1:
             raise PadrecError(f"threads must be >= 1, got {self.threads}")
 
