@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from padrec.models.fast_target import fast_target
-from padrec.pipeline import machine_description
+from padrec.provenance import machine_description
 from padrec.ui import console, table
 
 SHAPES = {  # name: (layers, hidden, heads, intermediate)

@@ -22,9 +22,9 @@ from pathlib import Path
 from padrec.drafts.target_lists import list_agreement
 from padrec.drafts.registry import FEATURE_KINDS, draft_dir, read_draft_meta
 from padrec.evaluation.bench_rows import speculative_rows
-from padrec.pipeline import machine_description
+from padrec.provenance import machine_description
 from padrec.run import Run
-from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.files import atomic_write_text
 from padrec.ui import console, pyplot, save_figure, table
 
 

@@ -34,9 +34,9 @@ from urllib.parse import urlparse
 
 import httpx
 
-from padrec.pipeline import machine_description
+from padrec.provenance import machine_description
 from padrec.run import Run
-from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.files import atomic_write_text
 from padrec.ui import table
 from rich.console import Console
 

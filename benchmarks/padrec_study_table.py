@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from padrec.evaluation.bench_rows import speculative_rows
-from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.files import atomic_write_text
 from padrec.ui import console, markdown, pyplot, save_figure, table
 
 RESULTS = Path(__file__).parent / "results"

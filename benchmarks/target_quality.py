@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 from padrec.evaluation.evaluate import RankConfig
-from padrec.pipeline import evaluate, machine_description, plot_training_curve, tokenize
+from padrec.pipeline import evaluate, plot_training_curve, tokenize
+from padrec.provenance import machine_description
 from padrec.run import Run
 from padrec.tokenizer.build import TokenizerConfig
-from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.files import atomic_write_text
 from padrec.training.target_trainer import TrainConfig, train_target
 from padrec.ui import console, table
 

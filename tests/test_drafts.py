@@ -252,7 +252,7 @@ def test_padrec_draft_records_its_parts(draft_run, tmp_path):
 
 
 def test_lm_draft_uses_the_shared_adapter(draft_run):
-    pytest.importorskip("padrec.speculative.lm_draft_session")
+    pytest.importorskip("padrec.drafts.lm_draft_session")
     run, _ = draft_run
     draft = load_draft(run, "lm")
     assert isinstance(draft, Draft) and not draft.uses_target_features

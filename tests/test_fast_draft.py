@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import FLOAT32_LOGITS_ATOL, assert_same_argmax_where_decided, perturb as _perturb, pin_threads
 
-from padrec.drafts.eagle import EagleConfig, EagleDraft, EagleDraftModel, EagleSession, ReferenceEagleSession
+from padrec.drafts.eagle import EagleDraft, EagleSession, ReferenceEagleSession
+from padrec.drafts.eagle_model import EagleConfig, EagleDraftModel
 from padrec.drafts.fast_layer import fast_weights
 from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
 from padrec.models.target import build_target

@@ -16,7 +16,7 @@ from padrec.decoding.autoregressive import GenerationConfig, generate_list, gene
 from padrec.decoding.trie import ItemTrie
 from padrec import PadrecError
 from padrec.models.fast_target import fast_target, supports_fast_target, use_fast_target
-from padrec.speculative.kv import additive_mask, decoder_forward, keep_prefix_and
+from padrec.decoding.kv import additive_mask, decoder_forward, keep_prefix_and
 from padrec.speculative.verify import TargetSession
 from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
 

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-import torch
 import uvicorn
 
 from helpers import pin_threads

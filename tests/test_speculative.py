@@ -29,7 +29,7 @@ from padrec.speculative import (
     TreeConfig,
     speculative_generate,
 )
-from padrec.speculative.kv import keep_positions
+from padrec.decoding.kv import keep_positions
 from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
 
 pin_threads()

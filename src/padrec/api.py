@@ -16,8 +16,10 @@ from padrec import PadrecError
 from padrec.decoding.autoregressive import generate_list
 from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
+from padrec.drafts.registry import load_draft
 from padrec.evaluation.evaluate import RankConfig
 from padrec.run import Run
+from padrec.speculative.decoder import speculative_generate
 
 
 class Recommender:
@@ -62,8 +64,6 @@ class Recommender:
             return res.items, None
 
     def draft(self, name: str):
-        from padrec.drafts.registry import load_draft
-
         if name not in self._drafts:
             self._drafts[name] = load_draft(self.run, name)
         return self._drafts[name]
@@ -72,8 +72,6 @@ class Recommender:
                               generator: torch.Generator | None = None) -> tuple[list[int], float]:
         """List mode through speculative decoding: the same list as `recommend_dense` (greedy: token for token),
         plus τ, the tokens committed per target forward."""
-        from padrec.speculative.decoder import speculative_generate
-
         prompt = self.run.prompt(history)
         loaded = self.draft(draft)  # loaded outside inference mode: its weights stay ordinary tensors
         with torch.inference_mode():

@@ -148,7 +148,7 @@ def cmd_recommend(a) -> None:
 
     from padrec.api import Recommender
     from padrec.evaluation.evaluate import rank_histories_sharded
-    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.files import atomic_write_text
     from padrec.training import distributed as dist
     from padrec.ui import console, table
 
@@ -249,9 +249,9 @@ def cmd_list_agreement(a) -> None:
     import torch
 
     from padrec.drafts.target_lists import list_agreement
-    from padrec.pipeline import machine_description
+    from padrec.provenance import machine_description
     from padrec.run import Run
-    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.files import atomic_write_text
     from padrec.ui import console, table
 
     if a.threads:
@@ -293,9 +293,9 @@ def cmd_bench(a) -> None:
 
     from padrec.drafts.registry import load_draft
     from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
-    from padrec.pipeline import machine_description
+    from padrec.provenance import machine_description
     from padrec.run import Run
-    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.files import atomic_write_text
     from padrec.ui import console, table
 
     if a.threads:
@@ -321,8 +321,8 @@ def cmd_bench(a) -> None:
 
 def _bench_beam(a, run, drafts) -> None:
     from padrec.evaluation.beam_bench import BeamBenchConfig, display_beam_rows, run_beam_bench
-    from padrec.pipeline import machine_description
-    from padrec.tokenizer.semantic_ids import atomic_write_text
+    from padrec.provenance import machine_description
+    from padrec.files import atomic_write_text
     from padrec.ui import console, table
 
     def ints(text):

@@ -13,12 +13,13 @@ from padrec.drafts.train import DraftTrainConfig, train_draft
 from padrec.evaluation.bench import BenchConfig, display_rows, plot_acceptance, run_bench
 from padrec.evaluation.bench_rows import speculative_rows
 from padrec.evaluation.evaluate import RankConfig
-from padrec.pipeline import evaluate, machine_description, metrics_table, plot_training_curve, tokenize
+from padrec.pipeline import evaluate, metrics_table, plot_training_curve, tokenize
+from padrec.provenance import machine_description
 from padrec.run import Run
 from padrec.speculative.calibration import calibrate_draft
 from padrec.speculative.tree import TreeConfig
 from padrec.tokenizer.build import TokenizerConfig
-from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.files import atomic_write_text
 from padrec.training.target_trainer import TrainConfig, train_target
 from padrec.ui import console, table
 

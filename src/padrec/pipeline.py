@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from padrec.data.dataset import load_dataset
 from padrec.evaluation.evaluate import RankConfig, evaluate_cases
+from padrec.files import atomic_write_text
+from padrec.provenance import machine_description
 from padrec.run import Run
-from padrec.tokenizer.build import TokenizerConfig, build_semantic_ids, format_tokenizer_report
-from padrec.tokenizer.semantic_ids import atomic_write_text
+from padrec.tokenizer.build import (
+    TokenizerConfig,
+    build_semantic_ids,
+    format_tokenizer_report,
+)
+from padrec.training import distributed as dist
 from padrec.ui import console, pyplot, save_figure, table
 
 
@@ -31,34 +33,8 @@ def tokenize(run_dir: Path, dataset: str, cfg: TokenizerConfig, max_history: int
     return Run.create(run_dir, dataset, asdict(cfg), sids, max_history=max_history)
 
 
-def machine_description() -> dict:
-    try:
-        here = Path(__file__).parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=here, timeout=5).stdout.strip() or None
-        # a copy with edits on top of HEAD (a device's working tree, a benchmark of uncommitted code) must not pass
-        # for HEAD itself
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-                                 capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
-        if commit and changed:
-            commit += "+dirty"
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "commit": commit}
-
-
-def device_name(device: str) -> str:
-    """'cpu', or e.g. 'cuda (NVIDIA H100 80GB HBM3)': benchmark JSON says which chip gave its timings."""
-    if torch.device(device).type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return device
-
-
 def evaluate(run: Run, split: str, configs: list[RankConfig], limit: int | None = None, progress: bool = True,
              model=None) -> dict:
-    from padrec.training import distributed as dist
-
     model = (model or run.load_target()).to(dist.device())
     cases = run.dataset.eval_cases(split, max_history=run.info.max_history)
     if limit:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from padrec import PadrecError
 from padrec.data.dataset import Dataset, load_dataset
-from padrec.tokenizer.semantic_ids import SemanticIDs, atomic_write_text
+from padrec.files import atomic_write_text
+from padrec.tokenizer.semantic_ids import SemanticIDs, items_to_tokens
 
 
 @dataclass
@@ -69,8 +70,6 @@ class Run:
 
     def prompt(self, history) -> list[int]:
         """The prompt of a history (dense item ids, oldest first): its last `max_history` items as tokens."""
-        from padrec.training.sequences import items_to_tokens
-
         return items_to_tokens(list(history)[-self.info.max_history:], self.sids)
 
     @property

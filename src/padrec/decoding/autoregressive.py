@@ -31,6 +31,7 @@ import torch
 
 from padrec import PadrecError
 from padrec.decoding.trie import ItemTrie, ListConstraint
+from padrec.models.fast_target import fast_target, use_fast_target
 from padrec.tokenizer.vocab import PAD
 
 __all__ = [
@@ -283,8 +284,6 @@ def generate_list(
 
     `fast`: run the target on the fused path (`padrec.models.fast_target`; default whenever the model allows it)
     or through Hugging Face (False)."""
-    from padrec.models.fast_target import fast_target, use_fast_target
-
     prompt = _check_prompt(prompt_tokens)
     cons = make_constraint(trie, prompt, cfg, history)
     dev = _device_of(model)

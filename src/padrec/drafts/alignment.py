@@ -29,6 +29,8 @@ import random
 import torch
 
 from padrec import PadrecError
+from padrec.decoding.beam import beam_search_items_batch
+from padrec.drafts.objective import draft_loss
 from padrec.training.sequences import IGNORE, collate
 
 __all__ = [
@@ -138,8 +140,6 @@ class BeamAligner:
 
     @torch.no_grad()
     def _teacher(self, idx: list[int]) -> None:
-        from padrec.decoding.beam import beam_search_items_batch
-
         todo = [i for i in idx if i not in self.beams]
         if todo:
             was = self.target.training
@@ -170,8 +170,6 @@ class BeamAligner:
         return collate(seqs), torch.stack(masks)
 
     def loss(self, kind: str, model, head, idx: list[int], cfg) -> torch.Tensor:
-        from padrec.drafts.train import draft_loss
-
         batch, allowed = self.batch(idx)
         with torch.no_grad():
             H = self.target.base_model(input_ids=batch["input_ids"],

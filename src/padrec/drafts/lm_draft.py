@@ -1,7 +1,7 @@
 """Independent small LM draft: a 1-2 layer LLaMA over the same SID vocabulary, distilled from the target.
 
 Loss on SID-token positions: T^2 * KL(softmax(target/T) || softmax(draft/T)) + w_hard * CE(draft, data token).
-At inference it is wrapped by the generic HF-causal-LM adapter `padrec.speculative.lm_draft_session.ModelDraft`
+At inference it is wrapped by the generic HF-causal-LM adapter `padrec.drafts.lm_draft_session.ModelDraft`
 (KV cache + tree-mask propose + rollback); the draft itself uses no target features.
 """
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from padrec import PadrecError
+from padrec.drafts.lm_draft_session import ModelDraft
 from padrec.tokenizer.vocab import BOS, EOS, PAD
 
 
@@ -73,16 +74,5 @@ def distill_loss(
 
 
 def make_lm_draft(model, name: str = "lm"):
-    """Wrap a trained LM draft as a `Draft` with the shared HF-causal-LM adapter (imported lazily)."""
-    try:
-        from padrec.speculative.lm_draft_session import ModelDraft
-    except ImportError as e:
-        raise PadrecError(
-            f"the LM draft needs padrec.speculative.lm_draft_session.ModelDraft, which is not available: {e}"
-        ) from e
-    try:
-        return ModelDraft(model.eval(), name=name)
-    except TypeError:  # an adapter without a name argument
-        draft = ModelDraft(model.eval())
-        draft.name = name
-        return draft
+    """Wrap a trained LM draft as a `Draft` with the shared HF-causal-LM adapter (drafts/lm_draft_session.py)."""
+    return ModelDraft(model.eval(), name=name)

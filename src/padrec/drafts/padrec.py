@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from padrec.drafts.eagle import EagleConfig, EagleDraftModel
-from padrec.drafts.fast_layer import stamp_of
+from padrec.drafts.eagle_model import EagleConfig, EagleDraftModel
+from padrec.models.fused_layer import stamp_of
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ from pathlib import Path
 import torch
 
 from padrec import PadrecError
+from padrec.drafts.acceptance import ACCEPTANCE_FILE, AcceptanceModel
+from padrec.drafts.eagle import EagleDraft
+from padrec.drafts.eagle_model import EagleConfig, EagleDraftModel
+from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft, make_lm_draft
+from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
 from padrec.models.checkpoint import _sha256, read_meta, write_dir_atomically
 
 META = "draft.json"
@@ -125,16 +130,9 @@ def build_draft_model(meta: dict):
         raise PadrecError("draft metadata has no model_config")
     try:
         if kind == "padrec":
-            from padrec.drafts.eagle import EagleConfig
-            from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
-
             return PadRecDraftModel(EagleConfig(**mc["eagle"]), PositionConfig(**mc["position"]))
         if kind in FEATURE_KINDS:
-            from padrec.drafts.eagle import EagleConfig, EagleDraftModel
-
             return EagleDraftModel(EagleConfig(**mc))
-        from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
-
         return build_lm_draft(LMDraftConfig(**mc))
     except (TypeError, KeyError) as e:
         raise PadrecError(f"draft metadata has an invalid model_config: {e}") from e
@@ -168,19 +166,22 @@ def load_draft_model(run, name: str):
 def load_draft(run, name: str, device: str | None = None, acceptance: bool = True):
     """A ready-to-use `Draft` for the run's target (on `device`, default where it was loaded: the CPU), with its
     acceptance table when it has one (`acceptance=False`: without, e.g. to refit a stale one)."""
-    from padrec.speculative.calibration import load_acceptance
-
     model, meta = load_draft_model(run, name)
     if device is not None:
         model = model.to(device)
     if meta["kind"] in FEATURE_KINDS:
-        from padrec.drafts.eagle import EagleDraft
-
         draft = EagleDraft(model, name=name)
     else:
-        from padrec.drafts.lm_draft import make_lm_draft
-
         draft = make_lm_draft(model, name=name)
     if acceptance:
         draft.acceptance = load_acceptance(draft_dir(run, name), meta)
     return draft
+
+
+def load_acceptance(draft_path: Path, meta: dict) -> AcceptanceModel | None:
+    """The acceptance table saved next to a draft, or None when it has none. A table fitted for other weights
+    (the draft was retrained since) is an error, not silently used."""
+    f = Path(draft_path) / ACCEPTANCE_FILE
+    if not f.exists():
+        return None
+    return AcceptanceModel.load(f, weights_sha256=meta.get("files", {}).get(WEIGHTS, ""))

@@ -25,6 +25,12 @@ import random
 from tqdm.auto import tqdm
 
 from padrec import PadrecError
+from padrec.decoding.autoregressive import GenerationConfig, generate_list_batch
+from padrec.decoding.trie import ItemTrie
+from padrec.drafts.objective import TargetFeatures, validate
+from padrec.drafts.registry import load_draft_model, target_identity
+from padrec.drafts.train_config import DraftTrainConfig
+from padrec.files import atomic_write_text
 from padrec.training.sequences import IGNORE
 
 
@@ -46,9 +52,6 @@ def train_list_examples(run, target, users: int, n_items: int = 10, seed: int = 
     """Examples like `greedy_list_examples` for `users` training users, each prompted with a random strict prefix
     of its training items. Cached per target in RUN/target_lists/ (generating costs ~0.04 s per list on a 2-core
     CPU for the small target)."""
-    from padrec.drafts.registry import target_identity
-    from padrec.tokenizer.semantic_ids import atomic_write_text
-
     if users < 1:
         raise PadrecError(f"users must be >= 1, got {users}")
     cache = (run.path / "target_lists" /
@@ -75,9 +78,6 @@ def train_list_examples(run, target, users: int, n_items: int = 10, seed: int = 
 
 
 def _list_examples(run, target, prompts, n_items: int, batch_size: int) -> list[tuple[list[int], list[int]]]:
-    from padrec.decoding.autoregressive import GenerationConfig, generate_list_batch
-    from padrec.decoding.trie import ItemTrie
-
     trie = ItemTrie(run.sids.all_item_tokens())
     results = generate_list_batch(target, prompts, trie, GenerationConfig(n_items=n_items), batch_size=batch_size)
     L = run.sids.vocab.levels
@@ -93,9 +93,6 @@ def list_agreement(run, names: list[str], users: int = 200, steps: int = 6, spli
                    seed: int = 0, progress: bool = True) -> list[dict]:
     """Per draft of the run: agreement by unrolled step and by SID level (step 1) along the target's greedy lists
     of the same `users` users."""
-    from padrec.drafts.registry import load_draft_model
-    from padrec.drafts.train import DraftTrainConfig, TargetFeatures, validate
-
     target = run.load_target()
     target.eval()
     examples = greedy_list_examples(run, target, split, users, seed=seed)

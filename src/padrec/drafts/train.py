@@ -23,16 +23,26 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from padrec import PadrecError
+from padrec.decoding.trie import ItemTrie
+from padrec.drafts.alignment import BeamAligner
+from padrec.drafts.eagle_model import EagleDraftModel
+from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
+from padrec.drafts.objective import (
+    TargetFeatures,
+    _positions,
+    check_head_on_features,
+    draft_loss,
+    validate,
+)
+from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
 from padrec.drafts.registry import (
     FEATURE_KINDS,
-    KINDS,
     draft_dir,
     last_dir,
     load_draft_weights,
@@ -40,243 +50,27 @@ from padrec.drafts.registry import (
     save_draft_dir,
     target_identity,
 )
+from padrec.drafts.target_lists import greedy_list_examples, train_list_examples
+from padrec.drafts.train_config import DraftTrainConfig
 from padrec.training import distributed as dist
 from padrec.training.schedule import stop_reason, warmup_cosine_lr
 from padrec.training.sequences import (
-    IGNORE,
     collate,
     length_bucketed_batches,
     run_examples,
 )
 
 
-VALID_STEPS = 3
-
-
-@dataclass
-class DraftTrainConfig:
-    kind: str = "eagle"  # "eagle" | "hass" | "padrec" | "lm"
-    name: str | None = None  # folder under runs/<run>/drafts/; default: the kind
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    patience: int = 3  # epochs without validation-agreement improvement before stopping
-    max_valid_cases: int = 2000
-    max_train_examples: int | None = None  # a seeded sample of the training windows (studies of many drafts)
-    time_budget_min: float | None = None  # stop after the epoch that crosses this budget
-    seed: int = 0
-    threads: int | None = None
-    feature_cache_mb: float = 2048.0  # keep the target's hidden states in memory up to this size; 0 = never
-    # eagle
-    w_token: float = 0.1  # weight of the soft CE against the target's next-token distribution
-    eagle_intermediate: int | None = None  # MLP width of the draft layer; default: the target's
-    freeze_embed: bool = True
-    # hass (and padrec on a hass base)
-    hass_steps: int = 3  # unrolled steps J
-    hass_topk: int = 0  # > 0: the token loss only covers the target's top-k tokens (HASS top-k distillation)
-    step_decay: float = 1.0  # weight of unrolled step j is step_decay**(j-1)
-    # padrec: the position module's parts (ablations switch them off)
-    padrec_base: str = "hass"  # "eagle" | "hass": how the head is trained
-    ipe: bool = True
-    spe: bool = True
-    gate: bool = True
-    learn_alpha: bool = True
-    # lm
-    lm_layers: int = 2
-    lm_hidden: int = 128
-    lm_heads: int = 4
-    lm_intermediate: int | None = None
-    temperature: float = 1.0
-    w_hard: float = 0.0  # weight of the hard CE on the data tokens
-    # top-K alignment along the target's beams (AtSpeed, drafts/alignment.py), added to any kind's loss
-    align: str | None = None  # None | "strict" (reverse KL on the draft's top-K + density) | "relaxed" (TVD)
-    align_weight: float = 0.5
-    align_topk: int = 10  # the target's beam width for the teacher beams, and the top-K support of "strict"
-    align_examples: int = 8  # examples per batch that get the term (each costs align_topk teacher-forced beams)
-    # warm start: begin from the weights of another feature draft of the same run (a PAD-Rec draft from its
-    # trained base: the module starts as the identity, so training adds the module to a converged head)
-    init_from: str | None = None
-    # > 0: also score every epoch along the target's greedy lists of this many validation users
-    # (drafts/target_lists.py) and pick the best epoch by that score, which ranks drafts as inference does
-    list_valid_users: int = 0
-    # > 0: add the target's greedy lists for this many training users (prompted with a prefix of their training
-    # items) to the training windows: the text the draft drafts at inference
-    list_train_users: int = 0
-
-    @property
-    def draft_name(self) -> str:
-        return self.name or self.kind
-
-    @property
-    def steps(self) -> int:
-        """Unrolled training steps (1 = plain EAGLE / LM training)."""
-        multi = self.kind == "hass" or (self.kind == "padrec" and self.padrec_base == "hass")
-        return self.hass_steps if multi else 1
-
-    def check(self) -> None:
-        if self.kind not in KINDS:
-            raise PadrecError(f"unknown draft kind {self.kind!r}: expected one of {KINDS}")
-        if self.padrec_base not in ("eagle", "hass"):
-            raise PadrecError(f"unknown PAD-Rec base {self.padrec_base!r}: expected eagle or hass")
-        if self.hass_steps < 1:
-            raise PadrecError(f"hass_steps must be >= 1, got {self.hass_steps}")
-        if self.init_from is not None and self.kind not in FEATURE_KINDS:
-            raise PadrecError(f"init_from warm-starts feature drafts ({', '.join(FEATURE_KINDS)}), not {self.kind!r}")
-        if self.init_from is not None and self.init_from == self.draft_name:
-            raise PadrecError(f"draft {self.draft_name!r} cannot start from itself: give the new draft another name")
-
-
-class TargetFeatures:
-    """The target's last hidden states for a fixed list of examples, computed on demand and optionally cached."""
-
-    def __init__(self, target, examples, cache_mb: float):
-        self.target = target
-        self.d = target.config.get_text_config().hidden_size
-        n_tokens = sum(len(ids) for ids, _ in examples)
-        self.enabled = n_tokens * self.d * 2 <= cache_mb * 2**20
-        self.store: dict[int, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, idx: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        B, T = batch["input_ids"].shape
-        if self.enabled and all(i in self.store for i in idx):
-            H = torch.zeros(B, T, self.d)
-            for b, i in enumerate(idx):
-                h = self.store[i]
-                H[b, : h.shape[0]] = h.float()
-            return H
-        H = self.target.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        H = H.last_hidden_state.float()
-        if self.enabled:
-            H = H.half()
-            lengths = batch["attention_mask"].sum(1).tolist()
-            for b, i in enumerate(idx):
-                self.store[i] = H[b, : lengths[b]].clone()
-            H = H.float() * batch["attention_mask"][..., None]  # same values as later epochs read back
-        return H
-
-
-def check_head_on_features(target, batch: dict[str, torch.Tensor]) -> None:
-    """Soft labels are lm_head(H): make sure that is what the target computes."""
-    with torch.no_grad():
-        out = target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        H = target.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mine = target.get_output_embeddings()(H)
-    if not torch.allclose(mine, out.logits, atol=1e-4, rtol=1e-4):
-        raise PadrecError(
-            "the target's logits are not lm_head(last_hidden_state) (logit scaling/soft-capping?); "
-            "feature-level drafts cannot use this target"
-        )
-
-
-def _positions(batch) -> torch.Tensor:
-    """[B, T-1] bool: position i predicts an SID token (the label of i+1 is not ignored)."""
-    return batch["labels"][:, 1:] != IGNORE
-
-
-def soft_ce(d_logits: torch.Tensor, t_logits: torch.Tensor, topk: int = 0) -> torch.Tensor:
-    """Cross-entropy of the draft against the target's distribution; with topk > 0 only over the target's top-k
-    tokens (HASS: the tokens a tree can actually draft)."""
-    p = t_logits.softmax(-1)
-    if topk > 0:
-        top = p.topk(min(topk, p.shape[-1]), dim=-1)
-        p = torch.zeros_like(p).scatter(-1, top.indices, top.values)
-    return -(p * d_logits.log_softmax(-1)).sum(-1).mean()
-
-
-def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainConfig, steps: int | None = None):
-    """Loss, the draft's logits at the SID positions for each unrolled step (list of [N, V]) and the target's
-    ([N, V]). `steps` overrides the configured unroll (validation looks deeper than EAGLE trains)."""
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    M = _positions(batch)
-    with torch.no_grad():
-        t_logits = head(H[:, :-1][M]).float()
-    if kind in FEATURE_KINDS:
-        from padrec.drafts.hass import unrolled_features
-
-        feats = torch.zeros_like(H)
-        feats[:, 1:] = H[:, :-1]  # the state before each token; zero before BOS
-        outs = unrolled_features(model, ids, feats, am, steps or cfg.steps)
-        loss, weight, d_logits = 0.0, 0.0, []
-        for j, out in enumerate(outs):
-            f_hat = out[:, :-1][M]
-            logits = model.logits(f_hat).float()
-            w = cfg.step_decay ** j
-            loss = loss + w * (F.smooth_l1_loss(f_hat, H[:, :-1][M]) + cfg.w_token * soft_ce(logits, t_logits, cfg.hass_topk))
-            weight += w
-            d_logits.append(logits)
-        loss = loss / weight
-    else:
-        from padrec.drafts.lm_draft import distill_loss
-
-        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1][M].float()
-        hard = batch["labels"][:, 1:][M]
-        loss = distill_loss(logits, t_logits, cfg.temperature, hard, cfg.w_hard)
-        d_logits = [logits]
-    return loss, d_logits, t_logits
-
-
-@torch.no_grad()
-def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrainConfig, levels: int,
-             batch_size: int = 128, steps: int | None = None) -> dict:
-    """Loss and top-1 agreement with the target over the labelled positions of `examples`, per unrolled step
-    (`steps`, default max(trained steps, VALID_STEPS); 1 for an LM draft) and per SID level at step 1."""
-    model.eval()
-    steps = (steps or max(cfg.steps, VALID_STEPS)) if kind in FEATURE_KINDS else 1
-    loss_sum, n = 0.0, 0
-    agree = torch.zeros(steps, dtype=torch.long)
-    per_level = torch.zeros(levels, dtype=torch.long)
-    per_level_n = torch.zeros(levels, dtype=torch.long)
-    for s in range(0, len(examples), batch_size):
-        idx = list(range(s, min(len(examples), s + batch_size)))
-        batch = collate([examples[i] for i in idx])
-        loss, d_logits, t_logits = draft_loss(kind, model, head, batch, feats(idx, batch), cfg, steps)
-        k = t_logits.shape[0]
-        if k == 0:
-            continue
-        hits = [d.argmax(-1) == t_logits.argmax(-1) for d in d_logits]
-        M = _positions(batch)
-        level = (M.long().cumsum(1) - 1)[M] % levels  # labels come as whole items: L SID tokens each
-        per_level += torch.bincount(level[hits[0]], minlength=levels)
-        per_level_n += torch.bincount(level, minlength=levels)
-        loss_sum += loss.item() * k
-        n += k
-        agree += torch.tensor([int(h.sum()) for h in hits])
-    model.train()
-    if dist.is_distributed():  # each rank validated its own share of the examples
-        flat = dist.all_reduce_sum([loss_sum, n, *agree.tolist(), *per_level.tolist(), *per_level_n.tolist()])
-        loss_sum, n = flat[0], int(flat[1])
-        agree = torch.tensor(flat[2 : 2 + steps])
-        per_level = torch.tensor(flat[2 + steps : 2 + steps + levels])
-        per_level_n = torch.tensor(flat[2 + steps + levels :])
-    by_step = (agree.float() / max(1, n)).tolist()
-    return {
-        "valid_loss": loss_sum / max(1, n),
-        "valid_agreement": by_step[0],
-        "valid_agreement_by_step": by_step,
-        "valid_score": sum(by_step) / len(by_step),
-        "valid_agreement_per_level": (per_level.float() / per_level_n.clamp(min=1)).tolist(),
-    }
-
-
 def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig, levels: int):
     if kind == "padrec":
-        from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
-
         position = PositionConfig(levels=levels, ipe=cfg.ipe, spe=cfg.spe, gate=cfg.gate,
                                   learn_alpha=cfg.learn_alpha, trained_depths=cfg.steps)
         model = PadRecDraftModel.from_target(target, position, cfg.eagle_intermediate, cfg.freeze_embed,
                                              seed=cfg.seed)
         return model, model.model_config()
     if kind in FEATURE_KINDS:
-        from padrec.drafts.eagle import EagleDraftModel
-
         model = EagleDraftModel.from_target(target, cfg.eagle_intermediate, cfg.freeze_embed, seed=cfg.seed)
         return model, model.model_config()
-    from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
-
     mc = LMDraftConfig(vocab_size, cfg.lm_layers, cfg.lm_hidden, cfg.lm_heads, cfg.lm_intermediate)
     return build_lm_draft(mc, seed=cfg.seed), mc.to_dict()
 
@@ -333,8 +127,6 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
         if cfg.max_train_examples and len(train_examples) > cfg.max_train_examples:
             train_examples = random.Random(cfg.seed).sample(train_examples, cfg.max_train_examples)
         if cfg.list_train_users:
-            from padrec.drafts.target_lists import train_list_examples
-
             train_examples = train_examples + train_list_examples(run, target, cfg.list_train_users, seed=cfg.seed,
                                                                   progress=progress)
         valid_examples = dist.shard(valid_examples)  # under torchrun each rank validates its share
@@ -346,15 +138,10 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     head = target.get_output_embeddings()
     list_examples = list_feats = None
     if cfg.list_valid_users:
-        from padrec.drafts.target_lists import greedy_list_examples
-
         list_examples = dist.shard(greedy_list_examples(run, target, "valid", cfg.list_valid_users, seed=cfg.seed))
         list_feats = TargetFeatures(target, list_examples, cfg.feature_cache_mb)
     aligner = None
     if cfg.align:
-        from padrec.decoding.trie import ItemTrie
-        from padrec.drafts.alignment import BeamAligner
-
         aligner = BeamAligner(target, ItemTrie(run.sids.all_item_tokens()), train_examples, cfg.align,
                               cfg.align_topk, cfg.align_examples, cfg.seed)
     lengths = [len(ids) for ids, _ in train_examples]

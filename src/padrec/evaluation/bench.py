@@ -23,16 +23,21 @@ import torch
 from tqdm.auto import tqdm
 
 from padrec import PadrecError
-from padrec.decoding.autoregressive import GenerationConfig, generate_list, generate_list_reference
+from padrec.decoding.autoregressive import (
+    GenerationConfig,
+    generate_list,
+    generate_list_reference,
+    make_constraint,
+)
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.bench_rows import SPECULATIVE
 from padrec.evaluation.metrics import ranking_metrics
+from padrec.files import atomic_write_text
 from padrec.models.fast_target import use_fast_target
-from padrec.pipeline import device_name, machine_description
+from padrec.provenance import device_name, machine_description
 from padrec.run import Run
 from padrec.speculative.decoder import SpecConfig, speculative_generate
 from padrec.speculative.tree import TreeConfig
-from padrec.tokenizer.semantic_ids import atomic_write_text
 from padrec.ui import pyplot, save_figure
 
 
@@ -52,8 +57,6 @@ class BenchConfig:
 def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationConfig, history=None) -> list[int]:
     """Greedy constrained generation through Hugging Face `generate` (a second reference): the constraint is
     replayed from the prompt at each step through `prefix_allowed_tokens_fn`."""
-    from padrec.decoding.autoregressive import make_constraint
-
     n_prompt = len(prompt)
     total = cfg.n_items * (trie.levels + 1)
     state = {"cons": make_constraint(trie, prompt, cfg, history), "fed": 0}

@@ -4,7 +4,7 @@ shared model path.
 At batch 1 on a CPU a small target's step is mostly per-op overhead: Hugging Face's decoder goes through a stack
 of nn.Module calls per layer, a rotary module that recomputes cos/sin on every call, a DynamicCache that
 concatenates on every append, and a separate product per q/k/v projection. `FastTarget` computes the same
-function from the same weights with the pieces of the EAGLE draft's fused path (`padrec.drafts.fast_layer`):
+function from the same weights with the pieces it shares with the EAGLE draft's fused path (`models/fused_layer.py`):
 q/k/v as one product, a cos/sin table, keys/values in preallocated per-layer buffers (`KVBuffer`) where appending
 is a copy into place and dropping rejected tree nodes moves an integer or a few rows.
 
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from padrec.drafts.fast_layer import KVBuffer, LayerWeights, RopeTable, layer_sources, layer_support, rms_norm, stamp_of
+from padrec.models.fused_layer import KVBuffer, LayerWeights, RopeTable, layer_sources, layer_support, rms_norm, stamp_of
 
 __all__ = ["FastTarget", "fast_target", "supports_fast_target", "use_fast_target"]
 

@@ -2,7 +2,7 @@
 rejection-sampling acceptance). See `decoder.speculative_generate`."""
 
 from padrec.speculative.decoder import SpecConfig, SpecResult, speculative_generate
-from padrec.speculative.lm_draft_session import ModelDraft, ModelDraftSession
+from padrec.drafts.lm_draft_session import ModelDraft, ModelDraftSession
 from padrec.speculative.tree import DraftTree, TreeConfig, build_tree
 from padrec.speculative.verify import TargetSession, accept_greedy, accept_sampling, accept_tree
 

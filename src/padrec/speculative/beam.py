@@ -39,7 +39,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -48,7 +47,8 @@ from padrec.decoding.autoregressive import _check_prompt
 from padrec.decoding.beam import _exclusion, beam_rank_key, beam_search_items, expansion_scores, select_top_k
 from padrec.decoding.trie import ItemTrie, ListConstraint
 from padrec.drafts.base import Draft
-from padrec.speculative.beam_state import DraftBeamTree, Prefix, TargetBeamTree
+from padrec.speculative.beam_relaxed import draft_levels_relaxed, walk_relaxed
+from padrec.speculative.beam_state import Beam, DraftBeamTree, Prefix, TargetBeamTree
 from padrec.speculative.decoder import _check_draft
 
 __all__ = ["Beam", "BeamSpecConfig", "SpecBeamResult", "speculative_beam_search"]
@@ -88,12 +88,6 @@ class SpecBeamResult:
     @property
     def model_calls(self) -> int:  # BeamResult-compatible name
         return self.target_calls
-
-
-class Beam(NamedTuple):
-    score: float
-    seq: Prefix
-    node: int  # trie node of seq
 
 
 class _Search:
@@ -218,8 +212,6 @@ def speculative_beam_search(
     """Top-`cfg.beam_size` next items of one prompt. Strict verification returns exactly
     `beam_search_items(target, prompt, trie, K, K, exclude_items)` (items, order and scores) for any draft; when
     one of the target's choices is a near-tie at float precision, that answer is plain beam search's own."""
-    from padrec.speculative.beam_relaxed import draft_levels_relaxed, walk_relaxed
-
     cfg = BeamSpecConfig() if cfg is None else cfg
     t_start = time.perf_counter()
     prompt = _check_prompt(prompt_tokens)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from padrec.speculative.beam import Beam
+from padrec.speculative.beam_state import Beam
 
 __all__ = ["draft_levels_relaxed", "walk_relaxed"]
 

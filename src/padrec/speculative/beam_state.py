@@ -18,6 +18,7 @@ shallowest first (one propose call per depth, so feature-level drafts always fin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,12 @@ from padrec.drafts.base import Draft
 from padrec.speculative.verify import TargetSession
 
 Prefix = tuple[int, ...]
+
+
+class Beam(NamedTuple):
+    score: float
+    seq: Prefix
+    node: int  # trie node of seq
 
 
 def _prefixes(seq: Prefix):

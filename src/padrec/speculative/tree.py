@@ -34,7 +34,7 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.autoregressive import GenerationConfig, apply_logits_processing
 from padrec.decoding.trie import ListConstraint
-from padrec.speculative.kv import ancestor_matrix
+from padrec.decoding.kv import ancestor_matrix
 
 __all__ = ["TreeConfig", "DraftTree", "build_tree", "proposal_order"]
 

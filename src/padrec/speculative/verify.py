@@ -53,7 +53,7 @@ from padrec.decoding.autoregressive import (
     apply_logits_processing,
     sample_from_logprobs,
 )
-from padrec.speculative.kv import (
+from padrec.decoding.kv import (
     additive_mask,
     cache_length,
     decoder_forward,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from padrec import PadrecError
-from padrec.tokenizer.vocab import SIDVocab
+from padrec.files import atomic_write_text
+from padrec.tokenizer.vocab import BOS, SEP, SIDVocab
 
 
 @dataclass
@@ -75,17 +74,10 @@ class SemanticIDs:
         return sids
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def items_to_tokens(items, sids: SemanticIDs, bos: bool = True) -> list[int]:
+    """`[BOS] + for each item: its SID tokens + SEP` — the prompt layout every decoder uses."""
+    out = [BOS] if bos else []
+    for it in items:
+        out.extend(sids.item_tokens(it))
+        out.append(SEP)
+    return out

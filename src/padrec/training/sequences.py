@@ -6,19 +6,11 @@ import random
 
 import torch
 
-from padrec.tokenizer.semantic_ids import SemanticIDs
-from padrec.tokenizer.vocab import BOS, PAD, SEP
+from padrec import PadrecError
+from padrec.tokenizer.semantic_ids import SemanticIDs, items_to_tokens
+from padrec.tokenizer.vocab import PAD
 
 IGNORE = -100
-
-
-def items_to_tokens(items, sids: SemanticIDs, bos: bool = True) -> list[int]:
-    """`[BOS] + for each item: its SID tokens + SEP` — the prompt layout every decoder uses."""
-    out = [BOS] if bos else []
-    for it in items:
-        out.extend(sids.item_tokens(it))
-        out.append(SEP)
-    return out
 
 
 def training_windows(sequences, max_items: int) -> list[tuple[tuple[int, ...], int]]:
@@ -97,8 +89,6 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ran
 def run_examples(run, max_valid_cases: int, seed: int):
     """Training examples (each user's training items in windows, loss on SID tokens) and validation examples
     (a sample of validation users: history -> first validation item) of a run; used by every trainer."""
-    from padrec import PadrecError
-
     ds, sids = run.dataset, run.sids
     windows = training_windows(ds.train_sequences(), run.info.max_history + 1)
     if not windows:

@@ -14,13 +14,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from padrec import PadrecError
-from padrec.models.checkpoint import load_checkpoint, load_train_state, read_meta, recover_dir, save_checkpoint
-from padrec.models.target import build_target, get_preset, preset_dict
+from padrec.files import atomic_write_text
+from padrec.models.checkpoint import (
+    load_checkpoint,
+    load_train_state,
+    read_meta,
+    recover_dir,
+    save_checkpoint,
+)
+from padrec.models.target import adapt_base_model, build_target, get_preset, preset_dict
 from padrec.run import Run
-from padrec.tokenizer.semantic_ids import atomic_write_text
 from padrec.training import distributed as dist
 from padrec.training.schedule import stop_reason, warmup_cosine_lr
-from padrec.training.sequences import IGNORE, collate, length_bucketed_batches, run_examples
+from padrec.training.sequences import (
+    IGNORE,
+    collate,
+    length_bucketed_batches,
+    run_examples,
+)
 
 
 @dataclass
@@ -92,8 +103,6 @@ def _shard_step(net, examples, dev: torch.device) -> tuple[torch.Tensor, float, 
 
 def _new_model(run: Run, cfg: TrainConfig):
     if cfg.base_model:
-        from padrec.models.target import adapt_base_model
-
         return adapt_base_model(cfg.base_model, run.sids.vocab.size, seed=cfg.seed)
     return build_target(run.sids.vocab.size, cfg.preset, seed=cfg.seed)
 

@@ -27,7 +27,7 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.autoregressive import model_forward
 from padrec.drafts.base import Draft, DraftSession
-from padrec.speculative.kv import additive_mask, cache_length, keep_prefix_and, model_dtype_device, session_cache
+from padrec.decoding.kv import additive_mask, cache_length, keep_prefix_and, model_dtype_device, session_cache
 
 __all__ = ["ModelDraft", "ModelDraftSession"]
 

@@ -15,6 +15,7 @@ import torch
 
 from padrec import PadrecError
 from padrec.decoding.autoregressive import cache_kwargs, new_cache
+from padrec.models.fast_target import fast_target, use_fast_target
 
 __all__ = [
     "additive_mask",
@@ -33,8 +34,6 @@ def session_cache(model, fast: bool | None = None):
     """The KV cache of a batch-1 session over `model`: (fast, FastTarget or None, cache). On the fused path
     (`padrec.models.fast_target`, whenever it applies, or as `fast` says) the cache is its per-layer buffers; else a
     DynamicCache, checked for tree attention."""
-    from padrec.models.fast_target import fast_target, use_fast_target
-
     if use_fast_target(model, fast):
         ft = fast_target(model)
         return True, ft, ft.new_cache()
