@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import padrec.training.target_trainer as tt
+import padrec.training.loop as loop
 from padrec import PadrecError
 from padrec.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from padrec.models.target import build_target
@@ -128,7 +128,7 @@ def test_resume_matches_uninterrupted_run(synth_env, tokenized_run, tmp_path, mo
 
     # interrupt run b at the start of epoch 2
     calls = {"n": 0}
-    real = tt.length_bucketed_batches
+    real = loop.length_bucketed_batches  # the shared training loop draws each epoch's batches
 
     def interrupt_on_second(*a, **kw):
         calls["n"] += 1
@@ -136,10 +136,10 @@ def test_resume_matches_uninterrupted_run(synth_env, tokenized_run, tmp_path, mo
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(tt, "length_bucketed_batches", interrupt_on_second)
+    monkeypatch.setattr(loop, "length_bucketed_batches", interrupt_on_second)
     with pytest.raises(KeyboardInterrupt):
         train_target(Run(run_b), CFG, progress=False)
-    monkeypatch.setattr(tt, "length_bucketed_batches", real)
+    monkeypatch.setattr(loop, "length_bucketed_batches", real)
     after_one = json.loads((run_b / "train_history.json").read_text())
     assert [h["epoch"] for h in after_one] == [1]
 

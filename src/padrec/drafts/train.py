@@ -20,13 +20,10 @@ resuming.
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from padrec import PadrecError
 from padrec.decoding.trie import ItemTrie
@@ -53,12 +50,8 @@ from padrec.drafts.registry import (
 from padrec.drafts.target_lists import greedy_list_examples, train_list_examples
 from padrec.drafts.train_config import DraftTrainConfig
 from padrec.training import distributed as dist
-from padrec.training.schedule import stop_reason, warmup_cosine_lr
-from padrec.training.sequences import (
-    collate,
-    length_bucketed_batches,
-    run_examples,
-)
+from padrec.training.loop import Resumed, Step, TrainTask, run_training
+from padrec.training.sequences import collate, run_examples
 
 
 def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig, levels: int):
@@ -98,24 +91,87 @@ def _warm_start(run, model, source: str, identity: dict) -> dict:
     return {"draft": source, "kind": meta["kind"], "files": meta.get("files")}
 
 
-def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool = True,
-                feature_pool: dict | None = None) -> dict:
-    """Train (or resume training of) a draft for the run's target. Returns the history and where it was saved.
+class DraftTask(TrainTask):
+    """A draft against the run's target: its loss on the target's features over the training windows, scored by
+    its top-1 agreement with the target (averaged over unrolled steps; along the target's lists when scored)."""
 
-    `feature_pool`: a dict shared by several calls in one process (a study training many drafts of one run):
-    the target, the examples and the cached target features are computed once and reused."""
-    cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    world = dist.world_size()
-    progress = progress and dist.is_main()
-    name = cfg.draft_name
-    best_path, last_path = draft_dir(run, name), last_dir(run, name)
-    identity = target_identity(run)
+    betas = (0.9, 0.95)
+    min_delta = 1e-6
+
+    def __init__(self, run, cfg: DraftTrainConfig, model, data: "_DraftData", meta: dict):
+        self.run, self.cfg, self.model, self.data, self.base_meta = run, cfg, model, data, meta
+        self.label = f"{cfg.draft_name} "
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lengths = [len(ids) for ids, _ in data.train_examples]
+        self.head = data.target.get_output_embeddings()
+        self.best_path, self.last_path = draft_dir(run, cfg.draft_name), last_dir(run, cfg.draft_name)
+
+    def step(self, idx: list[int]) -> Step | None:
+        cfg, d = self.cfg, self.data
+        mine = dist.shard(idx)  # under torchrun: this rank's part of the same global batch
+        batch = collate([d.train_examples[i] for i in mine]) if mine else None
+        n_local = int(_positions(batch).sum()) if mine else 0
+        n_global = int(dist.all_reduce_sum([n_local])[0]) if dist.world_size() > 1 else n_local
+        if n_global == 0:
+            return None
+        if not n_local:  # nothing here this step, but the gradient sum needs this rank's (zero) part
+            return Step(sum(p.sum() for p in self.params).mul(0.0), 0.0, 0, 0)
+        loss, _, _ = draft_loss(cfg.kind, self.model, self.head, batch, d.train_feats(mine, batch), cfg)
+        if d.aligner is not None:
+            loss = loss + cfg.align_weight * d.aligner.loss(cfg.kind, self.model, self.head, mine, cfg)
+        # the losses are means over this rank's positions: weighted by its share, the ranks' gradients sum to the
+        # gradient of the global batch's mean; the train loss is position-weighted likewise
+        scaled = loss * (n_local / n_global) if dist.world_size() > 1 else loss
+        return Step(scaled, loss.item() * n_local, n_local, int(batch["attention_mask"].sum()))
+
+    def validate(self) -> dict:
+        cfg, d, levels = self.cfg, self.data, self.run.sids.vocab.levels
+        val = validate(cfg.kind, self.model, self.head, d.valid_examples, d.valid_feats, cfg, levels)
+        if d.list_examples is not None:
+            lv = validate(cfg.kind, self.model, self.head, d.list_examples, d.list_feats, cfg, levels)
+            val.update(list_agreement_by_step=lv["valid_agreement_by_step"],
+                       list_agreement_per_level=lv["valid_agreement_per_level"], valid_score=lv["valid_score"])
+        return val
+
+    def score(self, entry: dict) -> float:
+        return entry.get("valid_score", entry["valid_agreement"])  # drafts saved before valid_score existed
+
+    def entry_extra(self) -> dict:
+        return {"features_cached": self.data.train_feats.enabled}
+
+    def describe(self, entry: dict) -> str:
+        lists = entry.get("list_agreement_by_step")
+        return (f"train {entry['train_loss']:.4f}  valid {entry['valid_loss']:.4f}  "
+                f"agree {'/'.join(f'{a:.3f}' for a in entry['valid_agreement_by_step'])}"
+                + (f"  lists {'/'.join(f'{a:.3f}' for a in lists)}" if lists is not None else ""))
+
+    def save(self, epoch: int, history: list[dict], improved: bool, entry: dict, train_state: dict) -> None:
+        meta = {**self.base_meta, "epoch": epoch + 1, "history": history}
+        if improved:
+            metrics = {k: v for k, v in entry.items() if k.startswith(("valid_", "list_agreement"))}
+            save_draft_dir(self.best_path, self.model.state_dict(), {**meta, **metrics})
+        save_draft_dir(self.last_path, self.model.state_dict(), meta, train_state=train_state)
+
+
+@dataclass
+class _DraftData:
+    """The target and what the draft learns and is validated on (the first five can be shared between drafts)."""
+
+    target: torch.nn.Module
+    train_examples: list
+    valid_examples: list  # this rank's share
+    train_feats: TargetFeatures
+    valid_feats: TargetFeatures
+    list_examples: list | None = None
+    list_feats: TargetFeatures | None = None
+    aligner: BeamAligner | None = None
+
+
+def _draft_data(run, cfg: DraftTrainConfig, identity: dict, progress: bool, feature_pool: dict | None) -> _DraftData:
     pool_key = (str(run.path), identity["target_hash"], cfg.seed, cfg.max_valid_cases, cfg.max_train_examples,
                 cfg.feature_cache_mb, cfg.list_train_users)
     if feature_pool is not None and pool_key in feature_pool:
-        target, train_examples, valid_examples, train_feats, valid_feats = feature_pool[pool_key]
+        data = _DraftData(*feature_pool[pool_key])
     else:
         target = run.load_target()
         target.eval()
@@ -131,135 +187,60 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
                                                                   progress=progress)
         valid_examples = dist.shard(valid_examples)  # under torchrun each rank validates its share
         check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
-        train_feats = TargetFeatures(target, train_examples, cfg.feature_cache_mb)
-        valid_feats = TargetFeatures(target, valid_examples, cfg.feature_cache_mb)
+        data = _DraftData(target, train_examples, valid_examples, TargetFeatures(target, train_examples, cfg.feature_cache_mb),
+                          TargetFeatures(target, valid_examples, cfg.feature_cache_mb))
         if feature_pool is not None:
-            feature_pool[pool_key] = (target, train_examples, valid_examples, train_feats, valid_feats)
-    head = target.get_output_embeddings()
-    list_examples = list_feats = None
+            feature_pool[pool_key] = (data.target, data.train_examples, data.valid_examples, data.train_feats,
+                                      data.valid_feats)
     if cfg.list_valid_users:
-        list_examples = dist.shard(greedy_list_examples(run, target, "valid", cfg.list_valid_users, seed=cfg.seed))
-        list_feats = TargetFeatures(target, list_examples, cfg.feature_cache_mb)
-    aligner = None
+        data.list_examples = dist.shard(greedy_list_examples(run, data.target, "valid", cfg.list_valid_users,
+                                                             seed=cfg.seed))
+        data.list_feats = TargetFeatures(data.target, data.list_examples, cfg.feature_cache_mb)
     if cfg.align:
-        aligner = BeamAligner(target, ItemTrie(run.sids.all_item_tokens()), train_examples, cfg.align,
-                              cfg.align_topk, cfg.align_examples, cfg.seed)
-    lengths = [len(ids) for ids, _ in train_examples]
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+        data.aligner = BeamAligner(data.target, ItemTrie(run.sids.all_item_tokens()), data.train_examples, cfg.align,
+                                   cfg.align_topk, cfg.align_examples, cfg.seed)
+    return data
 
-    state, started_from = None, None
-    if resume and (last_path / "train_state.pt").is_file():
-        meta = read_draft_meta(last_path)
-        # a field added to the config since that run was saved counts as its default
-        if {**asdict(DraftTrainConfig()), **meta.get("config", {})} != asdict(cfg):
-            raise PadrecError(f"{last_path} holds an interrupted draft training with different settings; "
-                              "pass the same settings to resume, or resume=False (--no-resume) to start over")
-        if meta.get("identity") != identity:
-            raise PadrecError(f"{last_path} holds an interrupted draft training for another target; "
-                              "start over with resume=False (--no-resume)")
-        model = load_draft_weights(last_path, meta)
-        model_config = meta["model_config"]
-        state = torch.load(last_path / "train_state.pt", weights_only=True)
-        history = json.loads(state["history_json"])
-        started_from = meta.get("started_from")
-        start_epoch = int(state["epoch"]) + 1
-    else:
+
+def _resume_draft(run, cfg: DraftTrainConfig, identity: dict, resume: bool, target):
+    """(model, model_config, started_from, Resumed): the interrupted training's last state, or a new draft."""
+    last_path = last_dir(run, cfg.draft_name)
+    if not (resume and (last_path / "train_state.pt").is_file()):
         model, model_config = _new_model(cfg.kind, target, identity["vocab_size"], cfg, run.sids.vocab.levels)
-        history, start_epoch = [], 0
-        if cfg.init_from is not None:
-            started_from = _warm_start(run, model, cfg.init_from, identity)
+        started_from = _warm_start(run, model, cfg.init_from, identity) if cfg.init_from is not None else None
+        return model, model_config, started_from, Resumed()
+    meta = read_draft_meta(last_path)
+    # a field added to the config since that run was saved counts as its default
+    if {**asdict(DraftTrainConfig()), **meta.get("config", {})} != asdict(cfg):
+        raise PadrecError(f"{last_path} holds an interrupted draft training with different settings; "
+                          "pass the same settings to resume, or resume=False (--no-resume) to start over")
+    if meta.get("identity") != identity:
+        raise PadrecError(f"{last_path} holds an interrupted draft training for another target; "
+                          "start over with resume=False (--no-resume)")
+    state = torch.load(last_path / "train_state.pt", weights_only=True)
+    resumed = Resumed(json.loads(state["history_json"]), int(state["epoch"]) + 1, state["optimizer"])
+    return load_draft_weights(last_path, meta), meta["model_config"], meta.get("started_from"), resumed
+
+
+def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool = True,
+                feature_pool: dict | None = None) -> dict:
+    """Train (or resume training of) a draft for the run's target. Returns the history and where it was saved.
+
+    `feature_pool`: a dict shared by several calls in one process (a study training many drafts of one run):
+    the target, the examples and the cached target features are computed once and reused."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    identity = target_identity(run)
+    data = _draft_data(run, cfg, identity, progress and dist.is_main(), feature_pool)
+    model, model_config, started_from, resumed = _resume_draft(run, cfg, identity, resume, data.target)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meta = {"kind": cfg.kind, "name": cfg.draft_name, "config": asdict(cfg), "model_config": model_config,
+            "identity": identity, "n_trainable_params": n_params, **({"started_from": started_from} if started_from else {})}
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-    n_params = sum(p.numel() for p in params)
-
-    best = max((h.get("valid_score", h["valid_agreement"]) for h in history), default=-1.0)
-    bad_epochs = 0
-    for h in history:
-        bad_epochs = 0 if h["improved"] else bad_epochs + 1
-    stopped = history[-1].get("stop_reason") if history else None
-    base_meta = {"kind": cfg.kind, "name": name, "config": asdict(cfg), "model_config": model_config,
-                 "identity": identity, "n_trainable_params": n_params,
-                 **({"started_from": started_from} if started_from else {})}
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped:
-            break
-        t0 = time.time()
-        rng = random.Random(cfg.seed * 1000 + epoch)
-        batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
-        run_loss, run_n, tokens = 0.0, 0, 0
-        for b, idx in enumerate(bar):
-            step = epoch * steps_per_epoch + b
-            for g in opt.param_groups:
-                g["lr"] = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps)
-            mine = dist.shard(idx)  # under torchrun: this rank's part of the same global batch
-            batch = collate([train_examples[i] for i in mine]) if mine else None
-            n_local = int(_positions(batch).sum()) if mine else 0
-            n_global = int(dist.all_reduce_sum([n_local])[0]) if world > 1 else n_local
-            if n_global == 0:
-                continue
-            opt.zero_grad(set_to_none=True)
-            if n_local:
-                loss, _, _ = draft_loss(cfg.kind, model, head, batch, train_feats(mine, batch), cfg)
-                if aligner is not None:
-                    loss = loss + cfg.align_weight * aligner.loss(cfg.kind, model, head, mine, cfg)
-                # the losses are means over this rank's positions: weighted by its share, the ranks' gradients
-                # sum to the gradient of the global batch's mean
-                (loss * (n_local / n_global) if world > 1 else loss).backward()
-            else:  # nothing here this step, but the gradient sum below needs this rank's (zero) part
-                loss = torch.zeros(())
-                sum(p.sum() for p in params).mul(0.0).backward()
-            dist.sum_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            run_loss += loss.item() * n_local  # position-weighted: the same epoch mean however batches are split
-            run_n += n_local
-            tokens += int(batch["attention_mask"].sum()) if mine else 0
-            if b % 20 == 0:
-                bar.set_postfix(loss=f"{run_loss / max(1, run_n):.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
-        val = validate(cfg.kind, model, head, valid_examples, valid_feats, cfg, run.sids.vocab.levels)
-        if list_examples is not None:
-            lv = validate(cfg.kind, model, head, list_examples, list_feats, cfg, run.sids.vocab.levels)
-            val.update(list_agreement_by_step=lv["valid_agreement_by_step"],
-                       list_agreement_per_level=lv["valid_agreement_per_level"], valid_score=lv["valid_score"])
-        seconds = time.time() - t0
-        if world > 1:  # the slowest rank's time (every rank must agree on a time-budget stop) and the global mean
-            seconds = dist.all_reduce_max(seconds)
-            run_loss, run_n, tokens = dist.all_reduce_sum([run_loss, run_n, tokens])
-        improved = val["valid_score"] > best + 1e-6
-        bad_epochs = 0 if improved else bad_epochs + 1
-        elapsed = sum(h["seconds"] for h in history) + seconds
-        reason = stop_reason(bad_epochs, cfg.patience, elapsed, cfg.time_budget_min)
-        entry = {"epoch": epoch + 1, "train_loss": run_loss / max(1, run_n), **val, "improved": improved,
-                 "seconds": seconds, "tokens_per_s": tokens / seconds, "features_cached": train_feats.enabled,
-                 "stop_reason": reason}
-        history.append(entry)
-        if progress:
-            tqdm.write(
-                f"{name} epoch {epoch + 1}: train {entry['train_loss']:.4f}  valid {val['valid_loss']:.4f}  "
-                f"agree {'/'.join(f'{a:.3f}' for a in val['valid_agreement_by_step'])}"
-                + (f"  lists {'/'.join(f'{a:.3f}' for a in val['list_agreement_by_step'])}"
-                   if list_examples is not None else "")
-                + f"{'  *best*' if improved else ''}  ({seconds:.0f}s)"
-                + (f"  stop: {reason}" if reason else "")
-            )
-        meta = {**base_meta, "epoch": epoch + 1, "history": history}
-        if improved:
-            best = val["valid_score"]
-        if dist.is_main():  # every rank holds the same weights; one writes them
-            if improved:
-                save_draft_dir(best_path, model.state_dict(), {**meta, **val})
-            train_state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
-            save_draft_dir(last_path, model.state_dict(), meta, train_state=train_state)
-        dist.barrier()
-        stopped = reason
-
-    if not best_path.exists():
+    task = DraftTask(run, cfg, model, data, meta)
+    history = run_training(task, cfg, resumed, progress)
+    if not task.best_path.exists():
         raise PadrecError("draft training produced no checkpoint (zero epochs?)")
     return {"history": history, "n_params": n_params, "train_seconds": sum(h["seconds"] for h in history),
-            "path": str(best_path), "name": name}
+            "path": str(task.best_path), "name": cfg.draft_name}

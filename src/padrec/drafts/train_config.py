@@ -6,23 +6,19 @@ from dataclasses import dataclass
 
 from padrec import PadrecError
 from padrec.drafts.registry import FEATURE_KINDS, KINDS
+from padrec.training.loop import LoopConfig
 
 
 @dataclass
-class DraftTrainConfig:
+class DraftTrainConfig(LoopConfig):
     kind: str = "eagle"  # "eagle" | "hass" | "padrec" | "lm"
     name: str | None = None  # folder under runs/<run>/drafts/; default: the kind
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    weight_decay: float = 0.0
     warmup_steps: int = 50
-    patience: int = 3  # epochs without validation-agreement improvement before stopping
     max_valid_cases: int = 2000
     max_train_examples: int | None = None  # a seeded sample of the training windows (studies of many drafts)
-    time_budget_min: float | None = None  # stop after the epoch that crosses this budget
-    seed: int = 0
-    threads: int | None = None
     feature_cache_mb: float = 2048.0  # keep the target's hidden states in memory up to this size; 0 = never
     # eagle
     w_token: float = 0.1  # weight of the soft CE against the target's next-token distribution

@@ -1,4 +1,4 @@
-"""Process groups for multi-process training and evaluation under `torchrun` (DistributedDataParallel).
+"""Process groups for multi-process training and evaluation under `torchrun`.
 
 `torchrun --nproc_per_node=N -m padrec ...` starts N copies of the CLI with RANK/WORLD_SIZE/LOCAL_RANK and a
 rendezvous address in the environment; `init_from_env` joins them into one process group (gloo on CPU, NCCL
@@ -100,9 +100,10 @@ def all_reduce_max(value: float) -> float:
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum every parameter's gradient over the ranks, in place. Draft training scales each rank's loss by its
-    share of the global batch's positions, so the sum is the 1-process gradient of the global batch (DDP's
-    averaging would need the unwrapped draft's extra methods, `logits` and the unrolled steps, to go through it)."""
+    """Sum every parameter's gradient over the ranks, in place: the multi-process rule of `training.loop`. Each
+    rank scales its loss by its share of the global batch, so the sum is the 1-process gradient of the global
+    batch (DDP's averaging would need every forward to go through its wrapper, which a draft's own methods,
+    `logits` and the unrolled steps, do not)."""
     if not is_distributed():
         return
     for p in params:
@@ -126,17 +127,6 @@ def shard(items: Sequence, rank_: int | None = None, world: int | None = None) -
     w = world_size() if world is None else world
     n = len(items)
     return list(items[r * n // w : (r + 1) * n // w])
-
-
-def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP around `model` when distributed (gradients averaged over ranks in backward), else `model` itself."""
-    if not is_distributed():
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    if device().type == "cuda":
-        return DistributedDataParallel(model, device_ids=[device().index])
-    return DistributedDataParallel(model)
 
 
 def cleanup() -> None:
