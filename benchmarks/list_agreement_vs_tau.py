@@ -20,7 +20,8 @@ from itertools import combinations
 from pathlib import Path
 
 from padrec.drafts.target_lists import list_agreement
-from padrec.drafts.registry import FEATURE_KINDS, draft_dir, read_draft_meta
+from padrec.drafts.kinds import FEATURE_KINDS
+from padrec.drafts.registry import draft_dir, read_draft_meta
 from padrec.evaluation.bench_rows import speculative_rows
 from padrec.provenance import machine_description
 from padrec.run import Run

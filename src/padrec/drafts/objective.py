@@ -6,15 +6,13 @@ unrolled step and SID level (`validate`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from padrec import PadrecError
-from padrec.drafts.hass import unrolled_features
-from padrec.drafts.lm_draft import distill_loss
-from padrec.drafts.registry import FEATURE_KINDS
+from padrec.drafts.kinds import DRAFT_KINDS
+from padrec.drafts.losses import sid_positions
 from padrec.drafts.train_config import DraftTrainConfig
 from padrec.training import distributed as dist
-from padrec.training.sequences import IGNORE, collate
+from padrec.training.sequences import collate
 
 VALID_STEPS = 3
 
@@ -62,46 +60,12 @@ def check_head_on_features(target, batch: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _positions(batch) -> torch.Tensor:
-    """[B, T-1] bool: position i predicts an SID token (the label of i+1 is not ignored)."""
-    return batch["labels"][:, 1:] != IGNORE
-
-
-def soft_ce(d_logits: torch.Tensor, t_logits: torch.Tensor, topk: int = 0) -> torch.Tensor:
-    """Cross-entropy of the draft against the target's distribution; with topk > 0 only over the target's top-k
-    tokens (HASS: the tokens a tree can actually draft)."""
-    p = t_logits.softmax(-1)
-    if topk > 0:
-        top = p.topk(min(topk, p.shape[-1]), dim=-1)
-        p = torch.zeros_like(p).scatter(-1, top.indices, top.values)
-    return -(p * d_logits.log_softmax(-1)).sum(-1).mean()
-
-
 def draft_loss(kind: str, model, head, batch, H: torch.Tensor, cfg: DraftTrainConfig, steps: int | None = None):
     """Loss, the draft's logits at the SID positions for each unrolled step (list of [N, V]) and the target's
     ([N, V]). `steps` overrides the configured unroll (validation looks deeper than EAGLE trains)."""
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    M = _positions(batch)
     with torch.no_grad():
-        t_logits = head(H[:, :-1][M]).float()
-    if kind in FEATURE_KINDS:
-        feats = torch.zeros_like(H)
-        feats[:, 1:] = H[:, :-1]  # the state before each token; zero before BOS
-        outs = unrolled_features(model, ids, feats, am, steps or cfg.steps)
-        loss, weight, d_logits = 0.0, 0.0, []
-        for j, out in enumerate(outs):
-            f_hat = out[:, :-1][M]
-            logits = model.logits(f_hat).float()
-            w = cfg.step_decay ** j
-            loss = loss + w * (F.smooth_l1_loss(f_hat, H[:, :-1][M]) + cfg.w_token * soft_ce(logits, t_logits, cfg.hass_topk))
-            weight += w
-            d_logits.append(logits)
-        loss = loss / weight
-    else:
-        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1][M].float()
-        hard = batch["labels"][:, 1:][M]
-        loss = distill_loss(logits, t_logits, cfg.temperature, hard, cfg.w_hard)
-        d_logits = [logits]
+        t_logits = head(H[:, :-1][sid_positions(batch)]).float()
+    loss, d_logits = DRAFT_KINDS[kind].loss(model, batch, H, t_logits, cfg, steps or cfg.steps)
     return loss, d_logits, t_logits
 
 
@@ -111,7 +75,7 @@ def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrain
     """Loss and top-1 agreement with the target over the labelled positions of `examples`, per unrolled step
     (`steps`, default max(trained steps, VALID_STEPS); 1 for an LM draft) and per SID level at step 1."""
     model.eval()
-    steps = (steps or max(cfg.steps, VALID_STEPS)) if kind in FEATURE_KINDS else 1
+    steps = (steps or max(cfg.steps, VALID_STEPS)) if DRAFT_KINDS[kind].features else 1
     loss_sum, n = 0.0, 0
     agree = torch.zeros(steps, dtype=torch.long)
     per_level = torch.zeros(levels, dtype=torch.long)
@@ -124,7 +88,7 @@ def validate(kind, model, head, examples, feats: TargetFeatures, cfg: DraftTrain
         if k == 0:
             continue
         hits = [d.argmax(-1) == t_logits.argmax(-1) for d in d_logits]
-        M = _positions(batch)
+        M = sid_positions(batch)
         level = (M.long().cumsum(1) - 1)[M] % levels  # labels come as whole items: L SID tokens each
         per_level += torch.bincount(level[hits[0]], minlength=levels)
         per_level_n += torch.bincount(level, minlength=levels)

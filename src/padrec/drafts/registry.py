@@ -22,16 +22,11 @@ import torch
 
 from padrec import PadrecError
 from padrec.drafts.acceptance import ACCEPTANCE_FILE, AcceptanceModel
-from padrec.drafts.eagle import EagleDraft
-from padrec.drafts.eagle_model import EagleConfig, EagleDraftModel
-from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft, make_lm_draft
-from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
+from padrec.drafts.kinds import DRAFT_KINDS, KINDS
 from padrec.models.checkpoint import _sha256, read_meta, write_dir_atomically
 
 META = "draft.json"
 WEIGHTS = "model.safetensors"
-KINDS = ("eagle", "hass", "padrec", "lm")
-FEATURE_KINDS = ("eagle", "hass", "padrec")  # one EAGLE-style head; hass/padrec differ in training / the module
 
 
 def drafts_dir(run) -> Path:
@@ -129,11 +124,7 @@ def build_draft_model(meta: dict):
     if not isinstance(mc, dict):
         raise PadrecError("draft metadata has no model_config")
     try:
-        if kind == "padrec":
-            return PadRecDraftModel(EagleConfig(**mc["eagle"]), PositionConfig(**mc["position"]))
-        if kind in FEATURE_KINDS:
-            return EagleDraftModel(EagleConfig(**mc))
-        return build_lm_draft(LMDraftConfig(**mc))
+        return DRAFT_KINDS[kind].rebuild(mc)
     except (TypeError, KeyError) as e:
         raise PadrecError(f"draft metadata has an invalid model_config: {e}") from e
 
@@ -169,10 +160,7 @@ def load_draft(run, name: str, device: str | None = None, acceptance: bool = Tru
     model, meta = load_draft_model(run, name)
     if device is not None:
         model = model.to(device)
-    if meta["kind"] in FEATURE_KINDS:
-        draft = EagleDraft(model, name=name)
-    else:
-        draft = make_lm_draft(model, name=name)
+    draft = DRAFT_KINDS[meta["kind"]].wrap(model, name)
     if acceptance:
         draft.acceptance = load_acceptance(draft_dir(run, name), meta)
     return draft

@@ -28,18 +28,10 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.trie import ItemTrie
 from padrec.drafts.alignment import BeamAligner
-from padrec.drafts.eagle_model import EagleDraftModel
-from padrec.drafts.lm_draft import LMDraftConfig, build_lm_draft
-from padrec.drafts.objective import (
-    TargetFeatures,
-    _positions,
-    check_head_on_features,
-    draft_loss,
-    validate,
-)
-from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
+from padrec.drafts.kinds import DRAFT_KINDS
+from padrec.drafts.losses import sid_positions
+from padrec.drafts.objective import TargetFeatures, check_head_on_features, draft_loss, validate
 from padrec.drafts.registry import (
-    FEATURE_KINDS,
     draft_dir,
     last_dir,
     load_draft_weights,
@@ -54,20 +46,6 @@ from padrec.training.loop import Resumed, Step, TrainTask, run_training
 from padrec.training.sequences import collate, run_examples
 
 
-def _new_model(kind: str, target, vocab_size: int, cfg: DraftTrainConfig, levels: int):
-    if kind == "padrec":
-        position = PositionConfig(levels=levels, ipe=cfg.ipe, spe=cfg.spe, gate=cfg.gate,
-                                  learn_alpha=cfg.learn_alpha, trained_depths=cfg.steps)
-        model = PadRecDraftModel.from_target(target, position, cfg.eagle_intermediate, cfg.freeze_embed,
-                                             seed=cfg.seed)
-        return model, model.model_config()
-    if kind in FEATURE_KINDS:
-        model = EagleDraftModel.from_target(target, cfg.eagle_intermediate, cfg.freeze_embed, seed=cfg.seed)
-        return model, model.model_config()
-    mc = LMDraftConfig(vocab_size, cfg.lm_layers, cfg.lm_hidden, cfg.lm_heads, cfg.lm_intermediate)
-    return build_lm_draft(mc, seed=cfg.seed), mc.to_dict()
-
-
 def _warm_start(run, model, source: str, identity: dict) -> dict:
     """Copy the weights of the run's trained draft `source` into `model`; returns what the new draft's metadata
     records about where it started. Only a PAD-Rec module may be missing from the source (it then starts as the
@@ -76,7 +54,7 @@ def _warm_start(run, model, source: str, identity: dict) -> dict:
     meta = read_draft_meta(path)
     if meta.get("identity") != identity:
         raise PadrecError(f"draft {source!r} was trained for another target than this run's; cannot start from it")
-    if meta["kind"] not in FEATURE_KINDS:
+    if not DRAFT_KINDS[meta["kind"]].features:
         raise PadrecError(f"draft {source!r} is a {meta['kind']!r} draft; a warm start needs a feature draft")
     state = load_draft_weights(path, meta).state_dict()
     try:
@@ -110,7 +88,7 @@ class DraftTask(TrainTask):
         cfg, d = self.cfg, self.data
         mine = dist.shard(idx)  # under torchrun: this rank's part of the same global batch
         batch = collate([d.train_examples[i] for i in mine]) if mine else None
-        n_local = int(_positions(batch).sum()) if mine else 0
+        n_local = int(sid_positions(batch).sum()) if mine else 0
         n_global = int(dist.all_reduce_sum([n_local])[0]) if dist.world_size() > 1 else n_local
         if n_global == 0:
             return None
@@ -206,7 +184,7 @@ def _resume_draft(run, cfg: DraftTrainConfig, identity: dict, resume: bool, targ
     """(model, model_config, started_from, Resumed): the interrupted training's last state, or a new draft."""
     last_path = last_dir(run, cfg.draft_name)
     if not (resume and (last_path / "train_state.pt").is_file()):
-        model, model_config = _new_model(cfg.kind, target, identity["vocab_size"], cfg, run.sids.vocab.levels)
+        model, model_config = DRAFT_KINDS[cfg.kind].new(target, identity["vocab_size"], cfg, run.sids.vocab.levels)
         started_from = _warm_start(run, model, cfg.init_from, identity) if cfg.init_from is not None else None
         return model, model_config, started_from, Resumed()
     meta = read_draft_meta(last_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from padrec import PadrecError
-from padrec.drafts.registry import FEATURE_KINDS, KINDS
+from padrec.drafts.kinds import DRAFT_KINDS, FEATURE_KINDS, KINDS
 from padrec.training.loop import LoopConfig
 
 
@@ -63,8 +63,7 @@ class DraftTrainConfig(LoopConfig):
     @property
     def steps(self) -> int:
         """Unrolled training steps (1 = plain EAGLE / LM training)."""
-        multi = self.kind == "hass" or (self.kind == "padrec" and self.padrec_base == "hass")
-        return self.hass_steps if multi else 1
+        return DRAFT_KINDS[self.kind].unrolled(self) if self.kind in DRAFT_KINDS else 1
 
     def check(self) -> None:
         if self.kind not in KINDS:
