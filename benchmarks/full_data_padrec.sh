@@ -29,7 +29,7 @@ suffix=""
 outs=()
 for run in "${RUNS[@]}"; do
   [ -f "$run/target/model.safetensors" ] || { echo "no trained target in $run" >&2; exit 2; }
-  for spec in "hass:--draft hass" "padrec-hass:--draft padrec --base hass"; do
+  for spec in "hass:--kind hass" "padrec-hass:--kind padrec --base hass"; do
     name=${spec%%:*}$suffix
     [ -f "$run/drafts/$name/model.safetensors" ] || \
       $PADREC train-draft --run "$run" ${spec#*:} --steps "$STEPS" --name "$name" --epochs 6 --threads 2

@@ -42,20 +42,20 @@ has_part() { [[ ",$PARTS," == *",$1,"* ]]; }
 drafts=(hass padrec-hass)
 pairs=("padrec-hass hass")
 if has_part seed; then
-  train "hass-seed$SEED" --draft hass --epochs 6 --seed "$SEED"
-  train "padrec-hass-seed$SEED" --draft padrec --base hass --epochs 6 --seed "$SEED"
+  train "hass-seed$SEED" --kind hass --epochs 6 --seed "$SEED"
+  train "padrec-hass-seed$SEED" --kind padrec --base hass --epochs 6 --seed "$SEED"
   drafts+=("hass-seed$SEED" "padrec-hass-seed$SEED")
   pairs+=("padrec-hass-seed$SEED hass-seed$SEED" "hass-seed$SEED hass" "padrec-hass-seed$SEED padrec-hass")
 fi
 if has_part warm; then
-  train hass-warm --draft hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
-  train padrec-hass-warm --draft padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
+  train hass-warm --kind hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
+  train padrec-hass-warm --kind padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR"
   drafts+=(hass-warm padrec-hass-warm)
   pairs+=("padrec-hass-warm hass-warm" "hass-warm hass")
 fi
 if has_part lists; then
-  train hass-lists --draft hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR" --list-train-users "$LIST_USERS"
-  train padrec-hass-lists --draft padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR" \
+  train hass-lists --kind hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR" --list-train-users "$LIST_USERS"
+  train padrec-hass-lists --kind padrec --base hass --init-from hass --epochs "$WARM_EPOCHS" --lr "$WARM_LR" \
     --list-train-users "$LIST_USERS"
   drafts+=(hass-lists padrec-hass-lists)
   pairs+=("padrec-hass-lists hass-lists")

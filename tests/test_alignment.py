@@ -167,8 +167,8 @@ def test_train_draft_with_alignment_through_the_cli(synth_env, trained_run, tmp_
     shutil.copytree(trained_run, run)
     for kind, mode in (("lm", "strict"), ("eagle", "relaxed")):
         name = f"{kind}-{mode}"
-        rc = main(["train-draft", "--run", str(run), "--draft", kind, "--name", name, "--epochs", "1",
-                   "--align", mode, "--align-topk", "4", "--threads", "1"])
+        rc = main(["train-draft", "--run", str(run), "--kind", kind, "--name", name, "--epochs", "1",
+                   "--align", mode, "--align-top-k", "4", "--threads", "1"])
         assert rc == 0
         meta = json.loads((run / "drafts" / name / "draft.json").read_text())
         assert meta["config"]["align"] == mode and meta["config"]["align_topk"] == 4

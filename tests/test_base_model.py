@@ -61,7 +61,7 @@ def test_train_and_evaluate_with_base_model(synth_env, tiny_qwen2, tmp_path):
 
     # the rest of docs/BRING_YOUR_OWN_MODEL.md: a feature-level draft for the fine-tuned Qwen2, then speculative
     # decoding, which must give the autoregressive lists token for token, and the benchmark
-    assert main(["train-draft", "--run", str(run_dir), "--draft", "eagle", "--epochs", "1", "--threads", "1"]) == 0
+    assert main(["train-draft", "--run", str(run_dir), "--kind", "eagle", "--epochs", "1", "--threads", "1"]) == 0
     pin_threads()
     draft_meta = json.loads((run_dir / "drafts" / "eagle" / "draft.json").read_text())
     assert draft_meta["identity"]["target_hidden_size"] == 32 and draft_meta["identity"]["vocab_size"] == vocab

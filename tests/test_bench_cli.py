@@ -9,8 +9,8 @@ from padrec.cli import main
 def test_train_drafts_and_bench(synth_env, trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    assert main(["train-draft", "--run", str(run), "--draft", "eagle", "--epochs", "1"]) == 0
-    assert main(["train-draft", "--run", str(run), "--draft", "lm", "--epochs", "1"]) == 0
+    assert main(["train-draft", "--run", str(run), "--kind", "eagle", "--epochs", "1"]) == 0
+    assert main(["train-draft", "--run", str(run), "--kind", "lm", "--epochs", "1"]) == 0
     out = tmp_path / "bench.json"
     rc = main(["bench", "--run", str(run), "--drafts", "eagle,lm", "--users", "4", "--warmup", "1",
                "--n-items", "3", "--chain", "3", "--tree", "3,2,6;3,2,6,cal", "--out", str(out)])

@@ -194,7 +194,7 @@ def test_two_processes_train_the_same_draft_as_one(two_runs, synth_env, tmp_path
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         shutil.copytree(multi, d, ignore=shutil.ignore_patterns("drafts"))
-    args = ["--draft", "padrec", "--steps", "2", "--epochs", "2", "--batch-size", "12", "--lr", "0.02",
+    args = ["--kind", "padrec", "--steps", "2", "--epochs", "2", "--batch-size", "12", "--lr", "0.02",
             "--threads", "1"]
     proc = torchrun(["train-draft", "--run", str(a), *args])
     assert (proc.stdout + proc.stderr).count("padrec epoch 1: train") == 1, "rank 0 alone reports progress"

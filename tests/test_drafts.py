@@ -373,14 +373,3 @@ def test_load_draft_refuses_corrupt_files(draft_run, tmp_path):
         load_draft(run, "lm")
     with pytest.raises(PadrecError, match="no draft 'nope'"):
         load_draft(run, "nope")
-
-
-def test_the_cli_offers_every_draft_kind():
-    """`train-draft --draft` lists the kinds by hand (the parser stays free of torch imports): it must name exactly
-    the kinds of the table in drafts/kinds.py."""
-    from padrec.cli import build_parser
-    from padrec.drafts.kinds import KINDS
-
-    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
-    draft = next(a for a in sub.choices["train-draft"]._actions if a.dest == "draft")
-    assert tuple(draft.choices) == KINDS

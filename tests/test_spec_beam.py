@@ -238,7 +238,7 @@ def test_bench_beam_mode_through_the_cli(synth_env, trained_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    assert main(["train-draft", "--run", str(run), "--draft", "lm", "--epochs", "1", "--threads", "1"]) == 0
+    assert main(["train-draft", "--run", str(run), "--kind", "lm", "--epochs", "1", "--threads", "1"]) == 0
     out = tmp_path / "beam.json"
     rc = main(["bench", "--run", str(run), "--mode", "beam", "--drafts", "lm", "--users", "5", "--warmup", "1",
                "--beam-k", "3,5", "--draft-beams", "6", "--gamma", "1,2", "--threads", "1", "--out", str(out)])

@@ -10,6 +10,24 @@ from pathlib import Path
 
 from padrec import PadrecError
 
+DRAFT_KINDS = ("eagle", "hass", "padrec", "lm")  # drafts/kinds.py's table (a test keeps the two equal)
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: it still works, and says what replaced it."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"padrec: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _deprecated(p: argparse.ArgumentParser, old: str, new: str, dest: str, **kw) -> None:
+    p.add_argument(old, dest=dest, action=_Deprecated, new=new, **kw)
+
 
 def _rank_args(p: argparse.ArgumentParser, modes_default: str) -> None:
     p.add_argument("--mode", default=modes_default, help="beam, list, or both (comma separated)")
@@ -55,7 +73,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None, help="a local HF causal-LM checkpoint to fine-tune")
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run exists")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    _deprecated(p, "--train-seed", "--seed", "seed", type=int)
 
 
 def _train_config(a):
@@ -63,7 +82,7 @@ def _train_config(a):
 
     return TrainConfig(preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                        time_budget_min=a.time_budget_min, base_model=a.base_model, threads=a.threads,
-                       seed=a.train_seed)
+                       seed=a.seed)
 
 
 def _tokenizer_config(a):
@@ -213,11 +232,11 @@ def cmd_train_draft(a) -> None:
     unknown = off - {"ipe", "spe", "gate", "alpha"}
     if unknown:
         raise PadrecError(f"--ablate takes ipe,spe,gate,alpha; unknown: {', '.join(sorted(unknown))}")
-    cfg = DraftTrainConfig(kind=a.draft, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+    cfg = DraftTrainConfig(kind=a.kind, name=a.name, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                            seed=a.seed, time_budget_min=a.time_budget_min, threads=a.threads, padrec_base=a.base,
-                           hass_steps=a.steps, hass_topk=a.topk, ipe="ipe" not in off, spe="spe" not in off,
+                           hass_steps=a.steps, hass_topk=a.top_k, ipe="ipe" not in off, spe="spe" not in off,
                            gate="gate" not in off, learn_alpha="alpha" not in off, align=a.align,
-                           align_weight=a.align_weight, align_topk=a.align_topk, init_from=a.init_from,
+                           align_weight=a.align_weight, align_topk=a.align_top_k, init_from=a.init_from,
                            list_valid_users=a.list_valid_users, list_train_users=a.list_train_users)
     out = train_draft(Run(a.run), cfg, resume=not a.no_resume)
     hist = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in out["history"]]
@@ -392,7 +411,8 @@ def _import_args(q) -> None:
                        help=f"{helps[f]} (default: %(default)s; every one is counted in the report)")
     q.add_argument("--min-user-interactions", type=int, default=ImportOptions.min_user_interactions, metavar="N",
                    help="drop users with fewer interactions (default: %(default)s, keep everyone)")
-    q.add_argument("--encoding", default=ImportOptions.encoding, help="text encoding of both files (default: %(default)s)")
+    q.add_argument("--encoding", default=ImportOptions.encoding,
+                   help="text encoding of both files (default: %(default)s)")
     q.add_argument("--categories-sep", default=ImportOptions.categories_sep,
                    help="separator of categories in CSV / TSV text (default: %(default)s)")
     q.add_argument("--delimiter", default=ImportOptions.delimiter,
@@ -402,10 +422,7 @@ def _import_args(q) -> None:
                        help="file format (default: from the file name's suffix)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="padrec", description="Fast LLM-based generative recommendation.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="bundled and imported datasets")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     dsub.add_parser("list", help="list datasets with their counts")
@@ -417,17 +434,23 @@ def build_parser() -> argparse.ArgumentParser:
     _import_args(q)
     p.set_defaults(func=cmd_data)
 
+
+def _add_tokenize(sub) -> None:
     p = sub.add_parser("tokenize", help="build semantic IDs for a dataset into a new run directory")
     p.add_argument("--dataset", required=True)
     p.add_argument("--run", required=True, help="run directory to create")
     _tokenizer_args(p)
     p.set_defaults(func=cmd_tokenize)
 
+
+def _add_train_target(sub) -> None:
     p = sub.add_parser("train-target", help="train (or resume) the run's target LM")
     p.add_argument("--run", required=True)
     _train_args(p)
     p.set_defaults(func=cmd_train_target)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="Recall/NDCG@K of the run's target on a split")
     p.add_argument("--run", required=True)
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -435,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_args(p, "both")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_recommend(sub) -> None:
     p = sub.add_parser("recommend", help="ranked lists as JSONL for a split's users, or for one --history")
     p.add_argument("--run", required=True)
     p.add_argument("--dataset-split", default="test", choices=["valid", "test"])
@@ -448,14 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_args(p, "beam")
     p.set_defaults(func=cmd_recommend)
 
+
+def _add_train_draft(sub) -> None:
     p = sub.add_parser("train-draft", help="train a draft model for the run's target")
     p.add_argument("--run", required=True)
-    p.add_argument("--draft", default="eagle", choices=["eagle", "hass", "padrec", "lm"],
+    p.add_argument("--kind", default="eagle", choices=DRAFT_KINDS,
                    help="eagle: feature-level head; hass: the same head trained over unrolled steps; "
                         "padrec: the head + item-slot and draft-step embeddings; lm: independent small LM")
+    _deprecated(p, "--draft", "--kind (--draft names a trained draft in the other commands)", "kind",
+                choices=DRAFT_KINDS)
     p.add_argument("--base", default="hass", choices=["eagle", "hass"], help="padrec: how the head is trained")
     p.add_argument("--steps", type=int, default=3, help="hass/padrec(hass): unrolled training steps")
-    p.add_argument("--topk", type=int, default=0, help="hass: token loss over the target's top-k only (0 = all)")
+    p.add_argument("--top-k", type=int, default=0, help="hass: token loss over the target's top-k only (0 = all)")
+    _deprecated(p, "--topk", "--top-k", "top_k", type=int)
     p.add_argument("--ablate", default=None,
                    help="padrec: parts to switch off, comma-separated: ipe, spe, gate (plain addition), "
                         "alpha (fixed at 1)")
@@ -463,8 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add AtSpeed top-K alignment along the target's beams: strict (reverse KL on the draft's "
                         "top-K + density) for strict speculative beam search, relaxed (TVD) for relaxed")
     p.add_argument("--align-weight", type=float, default=0.5, help="weight of the alignment term")
-    p.add_argument("--align-topk", type=int, default=10, help="K of the teacher beams and of the top-K support")
-    p.add_argument("--name", default=None, help="folder name under DIR/drafts (default: the draft kind)")
+    p.add_argument("--align-top-k", type=int, default=10, help="K of the teacher beams and of the top-K support")
+    _deprecated(p, "--align-topk", "--align-top-k", "align_top_k", type=int)
+    p.add_argument("--name", default=None, help="the draft's name: its folder under DIR/drafts, what --draft of "
+                   "the other commands takes (default: the kind)")
     p.add_argument("--list-valid-users", type=int, default=0, metavar="N",
                    help="also score each epoch along the target's greedy lists of N validation users and keep the "
                         "epoch that scores best there (see `padrec list-agreement`)")
@@ -484,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_draft)
 
+
+def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit a draft's acceptance table (slot x margin), for calibrated trees")
     p.add_argument("--run", required=True)
     p.add_argument("--draft", default="eagle")
@@ -492,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_list_agreement(sub) -> None:
     p = sub.add_parser("list-agreement", help="drafts' agreement with the target along its own greedy lists "
                                               "(the validation that ranks drafts as inference does)")
     p.add_argument("--run", required=True)
@@ -504,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON file for the rows")
     p.set_defaults(func=cmd_list_agreement)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="batch-1 latency: autoregressive vs speculative decoding, pair by pair")
     p.add_argument("--run", required=True)
     p.add_argument("--drafts", default="eagle", help="comma-separated draft names of the run")
@@ -527,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relaxed-temperature", default="1", help="beam: comma-separated sampling temperatures (relaxed)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: tokenize, train, evaluate on the default dataset")
     p.add_argument("--dataset", default="beauty")
     p.add_argument("--preset", default="small")
@@ -536,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="HTTP recommendation service: POST /recommend, GET /info, GET /health")
     p.add_argument("--run", required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -551,6 +593,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'padrec[ray]')")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas")
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="padrec", description="Fast LLM-based generative recommendation.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    _add_data(sub)
+    _add_tokenize(sub)
+    _add_train_target(sub)
+    _add_evaluate(sub)
+    _add_recommend(sub)
+    _add_train_draft(sub)
+    _add_calibrate(sub)
+    _add_list_agreement(sub)
+    _add_bench(sub)
+    _add_demo(sub)
+    _add_serve(sub)
     return ap
 
 

@@ -49,9 +49,6 @@ class Run:
         atomic_write_text(path / "run.json", json.dumps(info.__dict__, indent=2))
         return cls(path)
 
-    def save_info(self) -> None:
-        atomic_write_text(self.path / "run.json", json.dumps(self.info.__dict__, indent=2))
-
     @cached_property
     def sids(self) -> SemanticIDs:
         sids = SemanticIDs.load(self.path / "sids.json")

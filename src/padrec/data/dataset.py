@@ -91,9 +91,6 @@ class Dataset:
     def num_items(self) -> int:
         return len(self.items)
 
-    def raw_item_id(self, item: int) -> str | int:
-        return self.items[item].raw_id
-
     def train_sequences(self) -> list[tuple[int, ...]]:
         """Each user's training items (chronological); users with no training item are skipped."""
         return [u.train for u in self.users if u.train]

@@ -1,4 +1,5 @@
-"""Write a dataset folder (meta.json, items.jsonl.gz, users.jsonl.gz, ...; see data/README.md) and install it atomically.
+"""Write a dataset folder (meta.json, items.jsonl.gz, users.jsonl.gz, ...; see data/README.md) and install it
+atomically.
 
 Used by the importer and by scripts/convert_shared_datasets.py. The folder is written into a hidden temporary folder
 under the data root and renamed into place only when complete, so a failed write leaves nothing behind.
@@ -55,7 +56,8 @@ def write_dataset_dir(
     """Write meta.json, items.jsonl.gz, users.jsonl.gz (and provided_sids.json.gz, and `extra_files`: name -> text)
     into the existing folder `path`.
 
-    `meta` is completed with name, protocol, counts (Dataset.stats()) and max_history_default; the final meta is returned.
+    `meta` is completed with name, protocol, counts (Dataset.stats()) and max_history_default; the final meta is
+    returned.
     """
     if [it.id for it in dataset.items] != list(range(dataset.num_items)):
         raise PadrecError(f"dataset {dataset.name!r}: item ids must be dense 0..n-1 in order")

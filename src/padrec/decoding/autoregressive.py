@@ -187,7 +187,7 @@ def check_finite(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _choose(logits_row: torch.Tensor, toks: tuple[int, ...], tensor: torch.Tensor, cfg, generator) -> int:
+def choose_token(logits_row: torch.Tensor, toks: tuple[int, ...], tensor: torch.Tensor, cfg, generator) -> int:
     """Pick the next token at a real decision (len(toks) > 1) from one row of logits [V]."""
     if not cfg.do_sample:
         return toks[int(logits_row.index_select(0, tensor).argmax())]
@@ -225,14 +225,14 @@ def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, to
     return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
 
 
-def _check_prompt(prompt_tokens) -> list[int]:
+def check_prompt(prompt_tokens) -> list[int]:
     prompt = [int(t) for t in prompt_tokens]
     if not prompt:
         raise PadrecError("empty prompt: it needs at least the BOS token")
     return prompt
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
@@ -250,9 +250,9 @@ def generate_list_reference(
     At forced steps it still calls the model but takes the single allowed token without drawing a random number
     (the fast path never sees those logits), so both paths share one random stream.
     """
-    prompt = _check_prompt(prompt_tokens)
+    prompt = check_prompt(prompt_tokens)
     cons = make_constraint(trie, prompt, cfg, history)
-    dev = _device_of(model)
+    dev = device_of(model)
     total = cfg.n_items * (trie.levels + 1)
     tokens: list[int] = []
     with torch.inference_mode():
@@ -264,7 +264,7 @@ def generate_list_reference(
             if len(toks) == 1:
                 tok = toks[0]
             else:
-                tok = _choose(logits[0, -1], toks, tensor.to(dev), cfg, generator)
+                tok = choose_token(logits[0, -1], toks, tensor.to(dev), cfg, generator)
             cons.advance(tok)
             tokens.append(tok)
             if len(tokens) == total:
@@ -284,9 +284,9 @@ def generate_list(
 
     `fast`: run the target on the fused path (`padrec.models.fast_target`; default whenever the model allows it)
     or through Hugging Face (False)."""
-    prompt = _check_prompt(prompt_tokens)
+    prompt = check_prompt(prompt_tokens)
     cons = make_constraint(trie, prompt, cfg, history)
-    dev = _device_of(model)
+    dev = device_of(model)
     on_cpu = dev.type == "cpu"
     total = cfg.n_items * (trie.levels + 1)
     tokens: list[int] = []
@@ -320,7 +320,7 @@ def generate_list(
             else:
                 row = step(pending)
                 calls += 1
-                tok = _choose(row, toks, tensor if on_cpu else tensor.to(dev), cfg, generator)
+                tok = choose_token(row, toks, tensor if on_cpu else tensor.to(dev), cfg, generator)
                 pending = []
             advance(tok)
             tokens.append(tok)
@@ -349,7 +349,7 @@ def generate_list_batch(
         raise PadrecError(f"batch_size must be >= 1, got {batch_size}")
     if histories is not None and len(histories) != len(prompts):
         raise PadrecError(f"{len(histories)} histories for {len(prompts)} prompts")
-    prompts = [_check_prompt(p) for p in prompts]
+    prompts = [check_prompt(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[GenerationResult | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -361,7 +361,7 @@ def generate_list_batch(
 
 
 def _generate_chunk(model, prompts, trie, cfg, histories, generator) -> list[GenerationResult]:
-    dev = _device_of(model)
+    dev = device_of(model)
     bsz = len(prompts)
     cons = [make_constraint(trie, p, cfg, None if histories is None else histories[r]) for r, p in enumerate(prompts)]
     ids, mask, pos = left_pad(prompts, dev)

@@ -33,8 +33,8 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.autoregressive import (
     GenerationConfig,
-    _check_prompt,
-    _device_of,
+    check_prompt,
+    device_of,
     apply_logits_processing,
     check_finite,
     left_pad,
@@ -71,7 +71,7 @@ def _check(beam_size: int, top_k: int) -> None:
         raise PadrecError(f"beam_size and top_k must be >= 1, got {beam_size} and {top_k}")
 
 
-def _exclusion(trie: ItemTrie, exclude_items: Iterable[int]) -> ListConstraint:
+def exclusion_constraint(trie: ItemTrie, exclude_items: Iterable[int]) -> ListConstraint:
     cons = ListConstraint(trie, exclude_items, no_duplicates=False)
     if cons.remaining_items == 0:
         raise PadrecError("beam search has nothing to rank: every catalogue item is excluded")
@@ -117,7 +117,7 @@ def beam_search_items_batch(
         raise PadrecError(f"batch_size must be >= 1, got {batch_size}")
     if exclude_items is not None and len(exclude_items) != len(prompts):
         raise PadrecError(f"{len(exclude_items)} exclusion lists for {len(prompts)} prompts")
-    prompts = [_check_prompt(p) for p in prompts]
+    prompts = [check_prompt(p) for p in prompts]
     excl = [list(e) for e in exclude_items] if exclude_items is not None else [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[BeamResult | None] = [None] * len(prompts)
@@ -191,10 +191,10 @@ def _additive(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> list[BeamResult]:
-    dev = _device_of(model)
+    dev = device_of(model)
     dtype = _model_dtype(model)
     nprompt = len(prompts)
-    cons = [_exclusion(trie, e) for e in excludes]
+    cons = [exclusion_constraint(trie, e) for e in excludes]
     base_ids, base_mask, base_pos = left_pad(prompts, dev)
     width = base_ids.shape[1]
     prompt_cols = base_mask.bool()  # [B, W]: the real (non-pad) prompt columns of each row
@@ -296,7 +296,7 @@ def _beam_chunk(model, prompts, trie: ItemTrie, beam_size, top_k, excludes) -> l
 # ------------------------------------------------------------------------------------------------------------
 def _full_logits(model, seqs: list[list[int]]) -> torch.Tensor:
     """Next-token logits after each of several equal-length sequences, full forward without a cache."""
-    dev = _device_of(model)
+    dev = device_of(model)
     out = model(input_ids=torch.tensor(seqs, dtype=torch.long, device=dev), use_cache=False)
     return out.logits[:, -1]
 
@@ -311,8 +311,8 @@ def beam_search_reference(
 ) -> BeamResult:
     """Plain beam search without KV cache: each level recomputes a full forward over prompt + prefix per beam."""
     _check(beam_size, top_k)
-    prompt = _check_prompt(prompt_tokens)
-    cons = _exclusion(trie, exclude_items)
+    prompt = check_prompt(prompt_tokens)
+    cons = exclusion_constraint(trie, exclude_items)
     beams: list[tuple[float, tuple[int, ...], int]] = [(0.0, (), 0)]
     calls = 0
     with torch.inference_mode():
@@ -335,9 +335,9 @@ def enumerate_items_reference(
     model, prompt_tokens: Sequence[int], trie: ItemTrie, top_k: int | None = None, exclude_items: Iterable[int] = ()
 ) -> BeamResult:
     """Exhaustive: the constrained log-probability of every non-excluded item, ranked by (-score, SID)."""
-    prompt = _check_prompt(prompt_tokens)
-    cons = _exclusion(trie, exclude_items)
-    dev = _device_of(model)
+    prompt = check_prompt(prompt_tokens)
+    cons = exclusion_constraint(trie, exclude_items)
+    dev = device_of(model)
     scored = []
     with torch.inference_mode():
         for item, toks in enumerate(trie.item_tokens):

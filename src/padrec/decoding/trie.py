@@ -248,16 +248,9 @@ class ListConstraint:
     def allowed(self) -> tuple[int, ...]:
         return self.allowed_with_tensor()[0]
 
-    def allowed_tensor(self) -> torch.Tensor:
-        return self.allowed_with_tensor()[1]
-
     def is_forced(self) -> bool:
         """Exactly one token is allowed (SEP after the last level, or a node with a single live child)."""
         return len(self.allowed_with_tensor()[0]) == 1
-
-    def forced_token(self) -> int | None:
-        toks = self.allowed_with_tensor()[0]
-        return toks[0] if len(toks) == 1 else None
 
     def is_allowed(self, token: int) -> bool:
         trie = self.trie
@@ -292,7 +285,3 @@ class ListConstraint:
                 self.ban(item)
             return item
         return None
-
-    def advance_many(self, tokens: Iterable[int]) -> None:
-        for tok in tokens:
-            self.advance(int(tok))

@@ -40,7 +40,8 @@ def feature_loss(model, batch, H: torch.Tensor, t_logits: torch.Tensor, cfg, ste
         f_hat = out[:, :-1][M]
         logits = model.logits(f_hat).float()
         w = cfg.step_decay ** j
-        loss = loss + w * (F.smooth_l1_loss(f_hat, H[:, :-1][M]) + cfg.w_token * soft_ce(logits, t_logits, cfg.hass_topk))
+        token = soft_ce(logits, t_logits, cfg.hass_topk)
+        loss = loss + w * (F.smooth_l1_loss(f_hat, H[:, :-1][M]) + cfg.w_token * token)
         weight += w
         d_logits.append(logits)
     return loss / weight, d_logits

@@ -23,7 +23,7 @@ import torch
 from padrec import PadrecError
 from padrec.drafts.acceptance import ACCEPTANCE_FILE, AcceptanceModel
 from padrec.drafts.kinds import DRAFT_KINDS, KINDS
-from padrec.models.checkpoint import _sha256, read_meta, write_dir_atomically
+from padrec.models.checkpoint import sha256_file, read_meta, write_dir_atomically
 
 META = "draft.json"
 WEIGHTS = "model.safetensors"
@@ -114,7 +114,7 @@ def verify_draft_files(path: Path, meta: dict) -> None:
         f = Path(path) / name
         if not f.is_file():
             raise PadrecError(f"draft {path} is incomplete: {name} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise PadrecError(f"draft {path} is corrupt: {name} does not match its recorded sha256 (truncated?)")
 
 

@@ -14,10 +14,6 @@ import torch
 from padrec.tokenizer.vocab import NUM_SPECIAL, SEP
 
 
-def num_slots(levels: int) -> int:
-    return levels + 2
-
-
 def next_run(prev_run: int, token: int) -> int:
     """Run length at `token` given the run length at the token before it (0 before the first token)."""
     return prev_run + 1 if token >= NUM_SPECIAL else 0

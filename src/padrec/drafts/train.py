@@ -156,7 +156,8 @@ def _draft_data(run, cfg: DraftTrainConfig, identity: dict, progress: bool, feat
         for p in target.parameters():
             p.requires_grad_(False)
         if identity["target_hidden_size"] != target.config.get_text_config().hidden_size:
-            raise PadrecError(f"target config.json and the loaded target disagree on the hidden size ({run.target_dir})")
+            raise PadrecError(f"target config.json and the loaded target disagree on the hidden size "
+                              f"({run.target_dir})")
         train_examples, valid_examples = run_examples(run, cfg.max_valid_cases, cfg.seed)
         if cfg.max_train_examples and len(train_examples) > cfg.max_train_examples:
             train_examples = random.Random(cfg.seed).sample(train_examples, cfg.max_train_examples)
@@ -165,7 +166,8 @@ def _draft_data(run, cfg: DraftTrainConfig, identity: dict, progress: bool, feat
                                                                   progress=progress)
         valid_examples = dist.shard(valid_examples)  # under torchrun each rank validates its share
         check_head_on_features(target, collate(train_examples[: min(8, len(train_examples))]))
-        data = _DraftData(target, train_examples, valid_examples, TargetFeatures(target, train_examples, cfg.feature_cache_mb),
+        data = _DraftData(target, train_examples, valid_examples,
+                          TargetFeatures(target, train_examples, cfg.feature_cache_mb),
                           TargetFeatures(target, valid_examples, cfg.feature_cache_mb))
         if feature_pool is not None:
             feature_pool[pool_key] = (data.target, data.train_examples, data.valid_examples, data.train_feats,
@@ -214,7 +216,8 @@ def train_draft(run, cfg: DraftTrainConfig, resume: bool = True, progress: bool 
     model, model_config, started_from, resumed = _resume_draft(run, cfg, identity, resume, data.target)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meta = {"kind": cfg.kind, "name": cfg.draft_name, "config": asdict(cfg), "model_config": model_config,
-            "identity": identity, "n_trainable_params": n_params, **({"started_from": started_from} if started_from else {})}
+            "identity": identity, "n_trainable_params": n_params,
+            **({"started_from": started_from} if started_from else {})}
     model.train()
     task = DraftTask(run, cfg, model, data, meta)
     history = run_training(task, cfg, resumed, progress)

@@ -24,7 +24,7 @@ from padrec import PadrecError
 META = "padrec.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +95,7 @@ def write_dir_atomically(path: Path, write_files, meta: dict, meta_name: str = M
         write_files(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / meta_name).write_text(json.dumps({**meta, "files": files}, indent=2))
         replace_dir_atomically(tmp, path)
     except BaseException:
@@ -124,7 +124,7 @@ def verify_files(path: Path, meta: dict) -> None:
         f = Path(path) / name
         if not f.is_file():
             raise PadrecError(f"checkpoint {path} is incomplete: {name} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise PadrecError(f"checkpoint {path} is corrupt: {name} does not match its recorded sha256 (truncated?)")
 
 

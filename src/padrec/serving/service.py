@@ -43,14 +43,14 @@ class ServeSettings:
         for name in ("max_history", "max_k", "max_batch"):
             if getattr(self, name) < 1:
                 raise PadrecError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise PadrecError(f"threads must be >= 1, got {self.threads}")
         if self.max_body_bytes is not None and self.max_body_bytes < 1024:
             raise PadrecError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
 
     @property
     def body_limit(self) -> int:
         return self.max_body_bytes if self.max_body_bytes is not None else 4096 + 104 * self.max_history
-        if self.threads is not None and self.threads < 1:
-            raise PadrecError(f"threads must be >= 1, got {self.threads}")
 
 
 class RequestError(Exception):

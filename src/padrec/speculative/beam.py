@@ -43,13 +43,13 @@ from dataclasses import dataclass
 import torch
 
 from padrec import PadrecError
-from padrec.decoding.autoregressive import _check_prompt
-from padrec.decoding.beam import _exclusion, beam_rank_key, beam_search_items, expansion_scores, select_top_k
+from padrec.decoding.autoregressive import check_prompt
+from padrec.decoding.beam import exclusion_constraint, beam_rank_key, beam_search_items, expansion_scores, select_top_k
 from padrec.decoding.trie import ItemTrie, ListConstraint
 from padrec.drafts.base import Draft
 from padrec.speculative.beam_relaxed import draft_levels_relaxed, walk_relaxed
 from padrec.speculative.beam_state import Beam, DraftBeamTree, Prefix, TargetBeamTree
-from padrec.speculative.decoder import _check_draft
+from padrec.speculative.decoder import check_draft
 
 __all__ = ["Beam", "BeamSpecConfig", "SpecBeamResult", "speculative_beam_search"]
 
@@ -200,6 +200,77 @@ def _unfed(target: TargetBeamTree, beams: Sequence[Beam]) -> list[Prefix]:
     return sorted(need, key=lambda p: (len(p), p))
 
 
+def _free_walk(search: _Search, beams, level: int, strict: bool):
+    """Walk as far as the logits at hand allow, with no drafted levels."""
+    if strict:
+        return search.walk_strict(beams, level, {})
+    return walk_relaxed(search, beams, level, {}, None)[:2]
+
+
+def _start(search: _Search, prompt: list[int], strict: bool, features: bool) -> tuple[list[Beam], int, float]:
+    """Walk the levels forced from the root (no model), feed the prompt to the target where a feature draft
+    (`features`) needs its states, and commit the prompt to the draft. Returns (beams, level, draft seconds)."""
+    tt, dt, L = search.target, search.draft, search.trie.levels
+    beams, level = _free_walk(search, [Beam(0.0, (), 0)], 0, strict)
+    if level >= L:
+        return beams, level, 0.0
+    feats = None
+    if features:
+        hidden = tt.feed(prompt, _unfed(tt, beams))
+        beams, level = _free_walk(search, beams, level, strict)
+        tt.trim([b.seq for b in beams])
+        if level >= L:
+            return beams, level, 0.0
+        feats = torch.zeros_like(hidden[: len(prompt)])
+        feats[1:] = hidden[: len(prompt) - 1]
+    t0 = time.perf_counter()
+    dt.commit_prompt(prompt, feats)
+    return beams, level, time.perf_counter() - t0
+
+
+def _accepted_levels(levels, reached: dict, start: int, by_depth: list[list[int]]) -> int:
+    """Drafted levels the walk confirmed (each reached level's beams among the drafted ones), counted by depth."""
+    acc = 0
+    for d, drafted in enumerate(levels):
+        got = reached.get(start + d + 1)
+        if got is None:
+            break
+        by_depth[d][0] += 1
+        if not {b.seq for b in got} <= {b.seq for b in drafted}:
+            break
+        by_depth[d][1] += 1
+        acc += 1
+    return acc
+
+
+def _round(search: _Search, prompt: list[int], beams, level: int, strict: bool):
+    """One round: draft up to gamma levels, feed them to the target in one forward, walk. Returns (beams, level,
+    drafted levels, the levels reached, resampled count, draft seconds)."""
+    tt, cfg, L = search.target, search.cfg, search.trie.levels
+    t0 = time.perf_counter()
+    g = min(cfg.gamma, L - 1 - level)
+    if strict:
+        levels, qs = search.draft_levels_strict(beams, g), None
+    else:
+        levels, qs = draft_levels_relaxed(search, beams, g)
+    levels = _drop_forced_tail(search, levels)
+    draft_s = time.perf_counter() - t0
+    nodes = _unfed(tt, beams) + [b.seq for lv in levels for b in lv]
+    if not tt.n_prompt:
+        tt.feed(prompt, nodes)
+    elif nodes:  # empty only after a relaxed round that ended on fed beams, with nothing left to draft
+        tt.feed(None, nodes)
+    start, reached, n_res = level, {}, 0
+    if strict:
+        beams, level = search.walk_strict(beams, level, reached)
+    else:
+        beams, level, n_res = walk_relaxed(search, beams, level, reached, (levels, qs))
+    if level == start:  # every round commits a level (its forward holds the beams' logits); guard it
+        raise PadrecError(f"internal error: a speculative beam round made no progress at level {level}")
+    tt.trim([b.seq for b in beams])
+    return beams, level, levels, reached, n_res, draft_s
+
+
 def speculative_beam_search(
     target,
     draft: Draft,
@@ -214,112 +285,43 @@ def speculative_beam_search(
     one of the target's choices is a near-tie at float precision, that answer is plain beam search's own."""
     cfg = BeamSpecConfig() if cfg is None else cfg
     t_start = time.perf_counter()
-    prompt = _check_prompt(prompt_tokens)
-    _check_draft(target, draft)
-    cons = _exclusion(trie, exclude_items)
-    L = trie.levels
+    prompt = check_prompt(prompt_tokens)
+    check_draft(target, draft)
     strict = cfg.verify == "strict"
     tt, dt = TargetBeamTree(target), DraftBeamTree(draft)
-    search = _Search(trie, cons, cfg, tt, dt, draft.vocab_size, generator)
+    search = _Search(trie, exclusion_constraint(trie, exclude_items), cfg, tt, dt, draft.vocab_size, generator)
     search.tie_tol = near_tie_tolerance(target)
-
-    def free_walk(beams, level):  # as far as the logits at hand allow, no drafted levels
-        if strict:
-            return search.walk_strict(beams, level, {})
-        return walk_relaxed(search, beams, level, {}, None)[:2]
-
     by_depth = [[0, 0] for _ in range(cfg.gamma)]
     accepted_per_round: list[int] = []
     trace: list[dict] | None = [] if cfg.trace else None
-    draft_time = 0.0
     resampled = 0
-
     with torch.inference_mode():
-        beams, level = free_walk([Beam(0.0, (), 0)], 0)  # levels forced from the root need no model
-        if level < L and draft.uses_target_features:
-            hidden = tt.feed(prompt, _unfed(tt, beams))
-            beams, level = free_walk(beams, level)
-            tt.trim([b.seq for b in beams])
-            if level < L:
-                t0 = time.perf_counter()
-                feats = torch.zeros_like(hidden[: len(prompt)])
-                feats[1:] = hidden[: len(prompt) - 1]
-                dt.commit_prompt(prompt, feats)
-                draft_time += time.perf_counter() - t0
-        elif level < L:
-            t0 = time.perf_counter()
-            dt.commit_prompt(prompt, None)
-            draft_time += time.perf_counter() - t0
-        while level < L:
-            t0 = time.perf_counter()
-            g = min(cfg.gamma, L - 1 - level)
-            if strict:
-                levels = _drop_forced_tail(search, search.draft_levels_strict(beams, g))
-                qs = None
-            else:
-                levels, qs = draft_levels_relaxed(search, beams, g)
-                levels = _drop_forced_tail(search, levels)
-            draft_time += time.perf_counter() - t0
-            nodes = _unfed(tt, beams) + [b.seq for lv in levels for b in lv]
-            if not tt.n_prompt:
-                tt.feed(prompt, nodes)
-            elif nodes:  # empty only after a relaxed round that ended on fed beams, with nothing left to draft
-                tt.feed(None, nodes)
-            start, reached = level, {}
-            if strict:
-                beams, level = search.walk_strict(beams, level, reached)
-            else:
-                beams, level, n_res = walk_relaxed(search, beams, level, reached, (levels, qs))
-                resampled += n_res
-            if level == start:  # every round commits a level (its forward holds the beams' logits); guard it
-                raise PadrecError(f"internal error: a speculative beam round made no progress at level {level}")
-            tt.trim([b.seq for b in beams])
-            acc = 0
-            for d, drafted in enumerate(levels):
-                got = reached.get(start + d + 1)
-                if got is None:
-                    break
-                by_depth[d][0] += 1
-                if not {b.seq for b in got} <= {b.seq for b in drafted}:
-                    break
-                by_depth[d][1] += 1
-                acc += 1
-            accepted_per_round.append(acc)
+        beams, level, draft_time = _start(search, prompt, strict, bool(draft.uses_target_features))
+        while level < trie.levels:
+            start = level
+            beams, level, levels, reached, n_res, draft_s = _round(search, prompt, beams, level, strict)
+            resampled, draft_time = resampled + n_res, draft_time + draft_s
+            accepted_per_round.append(_accepted_levels(levels, reached, start, by_depth))
             if trace is not None:
                 trace.append(dict(start=start, end=level, drafted=[[b.seq for b in lv] for lv in levels],
-                                  accepted=acc, reached={k: [b.seq for b in v] for k, v in reached.items()}))
-
+                                  accepted=accepted_per_round[-1],
+                                  reached={k: [b.seq for b in v] for k, v in reached.items()}))
     if not strict:  # sampled beams come in acceptance order: rank them like every beam search
         beams = sorted(beams, key=lambda b: beam_rank_key(b.score, b.seq))
-    top = beams[: cfg.beam_size]
-    fallback_calls = 0
+    plain = None
     if strict and search.near_tie:  # rare (float32: ~1e-4 score gaps); keeps "strict == plain" exact
         plain = beam_search_items(target, prompt, trie, cfg.beam_size, cfg.beam_size, exclude_items)
-        fallback_calls = plain.model_calls
     elapsed = time.perf_counter() - t_start
     rounds = len(accepted_per_round)
-    stats = dict(
-        rounds=rounds,
-        tau=L / max(tt.forwards, 1),
-        mean_accepted=sum(accepted_per_round) / max(rounds, 1),
-        accept_by_depth=by_depth,
-        target_forwards=tt.forwards,
-        draft_forwards=dt.calls,
-        draft_time_s=draft_time,
-        total_time_s=elapsed,
-        draft_time_share=draft_time / elapsed if elapsed > 0 else 0.0,
-        resampled=resampled,
-        near_tie_fallback=bool(fallback_calls),
-    )
-    if fallback_calls:
+    stats = dict(rounds=rounds, tau=trie.levels / max(tt.forwards, 1),
+                 mean_accepted=sum(accepted_per_round) / max(rounds, 1), accept_by_depth=by_depth,
+                 target_forwards=tt.forwards, draft_forwards=dt.calls, draft_time_s=draft_time, total_time_s=elapsed,
+                 draft_time_share=draft_time / elapsed if elapsed > 0 else 0.0, resampled=resampled,
+                 near_tie_fallback=bool(plain is not None and plain.model_calls))
+    if plain is not None and plain.model_calls:
         return SpecBeamResult(items=list(plain.items), scores=list(plain.scores),
-                              target_calls=tt.forwards + fallback_calls, draft_calls=dt.calls, stats=stats,
+                              target_calls=tt.forwards + plain.model_calls, draft_calls=dt.calls, stats=stats,
                               trace=trace)
-    return SpecBeamResult(
-        items=[trie.leaf_item[b.node] for b in top],
-        scores=[b.score for b in top],
-        target_calls=tt.forwards,
-        draft_calls=dt.calls,
-        stats=stats,
-        trace=trace,
-    )
+    top = beams[: cfg.beam_size]
+    return SpecBeamResult(items=[trie.leaf_item[b.node] for b in top], scores=[b.score for b in top],
+                          target_calls=tt.forwards, draft_calls=dt.calls, stats=stats, trace=trace)

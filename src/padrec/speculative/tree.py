@@ -172,6 +172,111 @@ def proposal_order(vals: list[float]) -> list[int]:
     return sorted(range(len(vals)), key=vals.__getitem__, reverse=True)
 
 
+class _Candidates:
+    """Every node considered while building one tree: token, parent candidate, depth, score and (built when
+    needed) constraint, indexed by creation order; -1 is the root."""
+
+    def __init__(self, constraint: ListConstraint, cfg: GenerationConfig, tree_cfg: TreeConfig, acceptance):
+        self.root, self.cfg, self.k = constraint, cfg, tree_cfg.branching
+        self.calibrated, self.acceptance = tree_cfg.score == "calibrated", acceptance
+        self.tok: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        self.score: list[float] = []
+        # a candidate's constraint is built when it is needed (expanded, or kept in the tree): most candidates of a
+        # wide tree are neither, and copying + advancing a constraint is the costliest step per candidate
+        self.cons: list[ListConstraint | None] = []
+        self.children: dict[int, list[int]] = {}
+        self.q: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def cons_of(self, c: int) -> ListConstraint:
+        cons = self.cons[c]
+        if cons is None:
+            p = self.parent[c]
+            cons = (self.root if p < 0 else self.cons_of(p)).copy()
+            cons.advance(self.tok[c])
+            self.cons[c] = cons
+        return cons
+
+    def _best(self, logits_row, cons: ListConstraint):
+        """(allowed tokens, their log-probs, the k best as (index, value), the draft's margin or None)."""
+        margin = None
+        if self.k == 1:  # a chain: only the best token (the first maximum: ties to the smaller token, sorted toks)
+            toks, lp = _node_distribution(logits_row, cons, self.cfg, to_cpu=False)
+            i = int(lp.argmax())
+            best = [(i, float(lp[i]))]
+            if self.calibrated and len(toks) > 1:
+                top2 = torch.topk(lp, 2).values
+                margin = float(top2[0] - top2[1])
+        else:
+            toks, lp = _node_distribution(logits_row, cons, self.cfg)
+            vals = lp.tolist()
+            order = proposal_order(vals)
+            best = [(i, vals[i]) for i in order[: self.k]]
+            if len(order) > 1:
+                margin = vals[order[0]] - vals[order[1]]
+        return toks, lp, best, margin
+
+    def expand(self, cand: int, logits_row, cons: ListConstraint, base: float, d: int) -> None:
+        """Add the k best children of `cand` (at depth d, score `base`) from the draft's logits there."""
+        toks, lp, best, margin = self._best(logits_row, cons)
+        if self.calibrated and len(toks) > 1:  # the same candidates and order, scored by estimated acceptance
+            scores = self.acceptance.rank_logprobs(cons.position, margin, len(best))
+            best = [(i, s if v > -math.inf else v) for (i, v), s in zip(best, scores)]
+        self.q[cand] = (toks, lp)
+        kids = self.children.setdefault(cand, [])
+        for i, val in best:
+            if val == -math.inf:
+                break
+            kids.append(len(self.tok))
+            self.tok.append(toks[i])
+            self.parent.append(cand)
+            self.depth.append(d + 1)
+            self.score.append(base + val)
+            self.cons.append(None)
+
+    def child_bound(self, c: int) -> float:
+        """The best score a child of `c` could add (calibrated trees)."""
+        cons = self.cons_of(c)
+        return 0.0 if len(cons.allowed_with_tensor()[0]) == 1 else self.acceptance.best_logprob(cons.position)
+
+    def to_tree(self, keep: list[int], calls: int) -> DraftTree:
+        """The kept candidates (ancestor-closed), breadth first, as a DraftTree."""
+        keep = sorted(keep, key=lambda c: (self.depth[c], c))
+        index = {c: i for i, c in enumerate(keep)}
+        tree = DraftTree(root=self.root.copy(), propose_calls=calls)
+        for c in keep:
+            p = self.parent[c]
+            if p >= 0 and p not in index:  # cannot happen (see the module docstring); guard the invariant
+                raise PadrecError("internal error: draft tree budget selection is not ancestor-closed")
+            tree.tokens.append(self.tok[c])
+            tree.parents.append(-1 if p < 0 else index[p])
+            tree.depths.append(self.depth[c])
+            tree.scores.append(self.score[c])
+            tree.constraints.append(self.cons_of(c))
+        for cand, kids in self.children.items():
+            if cand >= 0 and cand not in index:
+                continue
+            node = -1 if cand < 0 else index[cand]
+            kept = [index[x] for x in kids if x in index]
+            if kept:
+                tree.children[node] = kept
+            tree.draft_logprobs[node] = self.q[cand]
+        return tree
+
+
+def _tree_depth(tree_cfg: TreeConfig, max_depth: int | None) -> int:
+    depth = min(tree_cfg.depth, tree_cfg.budget)  # a node at depth d needs d nodes of the budget
+    if max_depth is not None:
+        depth = min(depth, max_depth)
+    if depth < 1:
+        raise PadrecError("build_tree needs a depth of at least 1")
+    return depth
+
+
 def build_tree(
     root_logits: torch.Tensor,
     constraint: ListConstraint,
@@ -189,114 +294,33 @@ def build_tree(
     still needs); `acceptance`: the draft's `AcceptanceModel`, required by a calibrated tree. Calls `propose` once per
     level that is expanded (at most depth - 1 times).
     """
-    calibrated = tree_cfg.score == "calibrated"
-    if calibrated and acceptance is None:
+    if tree_cfg.score == "calibrated" and acceptance is None:
         raise PadrecError("a calibrated tree needs the draft's acceptance table: run `padrec calibrate` first")
     floor = math.log(tree_cfg.min_accept) if tree_cfg.min_accept > 0 else -math.inf
-    depth = min(tree_cfg.depth, tree_cfg.budget)  # a node at depth d needs d nodes of the budget
-    if max_depth is not None:
-        depth = min(depth, max_depth)
-    if depth < 1:
-        raise PadrecError("build_tree needs a depth of at least 1")
-    k = tree_cfg.branching
-    # candidates: token, parent candidate, depth, score, constraint, creation order (= index)
-    c_tok: list[int] = []
-    c_parent: list[int] = []
-    c_depth: list[int] = []
-    c_score: list[float] = []
-    # a candidate's constraint is built when it is needed (expanded, or kept in the tree): most candidates of a
-    # wide tree are neither, and copying + advancing a constraint is the costliest step per candidate
-    c_cons: list[ListConstraint | None] = []
-    c_children: dict[int, list[int]] = {}
-    c_q: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
-
-    def cons_of(c: int) -> ListConstraint:
-        cons = c_cons[c]
-        if cons is None:
-            p = c_parent[c]
-            cons = (constraint if p < 0 else cons_of(p)).copy()
-            cons.advance(c_tok[c])
-            c_cons[c] = cons
-        return cons
-
-    def expand(cand: int, logits_row, cons: ListConstraint, base: float, d: int) -> None:
-        if k == 1:  # a chain: only the best token (the first maximum: ties to the smaller token, `toks` is sorted)
-            toks, lp = _node_distribution(logits_row, cons, cfg, to_cpu=False)
-            i = int(lp.argmax())
-            best = [(i, float(lp[i]))]
-            if calibrated and len(toks) > 1:
-                top2 = torch.topk(lp, 2).values
-                margin = float(top2[0] - top2[1])
-        else:
-            toks, lp = _node_distribution(logits_row, cons, cfg)
-            vals = lp.tolist()
-            order = proposal_order(vals)
-            best = [(i, vals[i]) for i in order[:k]]
-            if len(order) > 1:
-                margin = vals[order[0]] - vals[order[1]]
-        if calibrated and len(toks) > 1:  # the same candidates and order, scored by estimated acceptance
-            scores = acceptance.rank_logprobs(cons.position, margin, len(best))
-            best = [(i, s if v > -math.inf else v) for (i, v), s in zip(best, scores)]
-        c_q[cand] = (toks, lp)
-        kids = c_children.setdefault(cand, [])
-        for i, val in best:
-            if val == -math.inf:
-                break
-            kids.append(len(c_tok))
-            c_tok.append(toks[i])
-            c_parent.append(cand)
-            c_depth.append(d + 1)
-            c_score.append(base + val)
-            c_cons.append(None)
-
-    def child_bound(cons: ListConstraint) -> float:
-        return 0.0 if len(cons.allowed_with_tensor()[0]) == 1 else acceptance.best_logprob(cons.position)
-
+    depth, k = _tree_depth(tree_cfg, max_depth), tree_cfg.branching
+    cands = _Candidates(constraint, cfg, tree_cfg, acceptance)
     # a node's processing is a handful of tiny ops over at most a codebook of logits: on a GPU, one copy of a
     # level's logits to the host beats a device round trip per node
     host = torch.device("cpu")
-    expand(-1, root_logits.to(host), constraint, 0.0, 0)
+    cands.expand(-1, root_logits.to(host), constraint, 0.0, 0)
     proposed: dict[int, int] = {}  # candidate -> index in the draft session's speculative nodes
-    level = [c for c in range(len(c_tok))]
-    calls = 0
+    level, calls, score = list(range(len(cands))), 0, cands.score
     for d in range(1, depth):
-        sel = [c for c in sorted(level, key=lambda c: (-c_score[c], c))[:k] if c_score[c] >= floor]
+        sel = [c for c in sorted(level, key=lambda c: (-score[c], c))[:k] if score[c] >= floor]
         if floor > -math.inf:  # skip a draft step none of whose children could pass the threshold
-            sel = [c for c in sel if c_score[c] + child_bound(cons_of(c)) >= floor]
+            sel = [c for c in sel if score[c] + cands.child_bound(c) >= floor]
         if not sel:
             break
         base_idx = len(proposed)
         for j, c in enumerate(sel):
             proposed[c] = base_idx + j
-        logits = propose(
-            [-1 if c_parent[c] < 0 else proposed[c_parent[c]] for c in sel], [c_tok[c] for c in sel], [d] * len(sel)
-        ).to(host)
+        parents = [-1 if cands.parent[c] < 0 else proposed[cands.parent[c]] for c in sel]
+        logits = propose(parents, [cands.tok[c] for c in sel], [d] * len(sel)).to(host)
         calls += 1
-        start = len(c_tok)
+        start = len(cands)
         for j, c in enumerate(sel):
-            expand(c, logits[j], cons_of(c), c_score[c], d)
-        level = list(range(start, len(c_tok)))
-
-    ranked = sorted(range(len(c_tok)), key=lambda c: (-c_score[c], c_depth[c], c))
-    keep = [c for c in ranked[: tree_cfg.budget] if c_score[c] >= floor] or ranked[:1]  # at least one node
-    keep.sort(key=lambda c: (c_depth[c], c))
-    index = {c: i for i, c in enumerate(keep)}
-    tree = DraftTree(root=constraint.copy(), propose_calls=calls)
-    for c in keep:
-        p = c_parent[c]
-        if p >= 0 and p not in index:  # cannot happen (see the module docstring); guard the invariant
-            raise PadrecError("internal error: draft tree budget selection is not ancestor-closed")
-        tree.tokens.append(c_tok[c])
-        tree.parents.append(-1 if p < 0 else index[p])
-        tree.depths.append(c_depth[c])
-        tree.scores.append(c_score[c])
-        tree.constraints.append(cons_of(c))
-    for cand, kids in c_children.items():
-        if cand >= 0 and cand not in index:
-            continue
-        node = -1 if cand < 0 else index[cand]
-        kept = [index[x] for x in kids if x in index]
-        if kept:
-            tree.children[node] = kept
-        tree.draft_logprobs[node] = c_q[cand]
-    return tree
+            cands.expand(c, logits[j], cands.cons_of(c), score[c], d)
+        level = list(range(start, len(cands)))
+    ranked = sorted(range(len(cands)), key=lambda c: (-score[c], cands.depth[c], c))
+    keep = [c for c in ranked[: tree_cfg.budget] if score[c] >= floor] or ranked[:1]  # at least one node
+    return cands.to_tree(keep, calls)

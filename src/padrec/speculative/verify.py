@@ -16,7 +16,7 @@ Acceptance walks the tree from the root (= after p_{m-1}); at each node the targ
 computed from the node's logits and the node's constraint state with the same code as autoregressive decoding.
 
 Greedy: the target's choice is the constrained arg-max (ties -> the smallest token id), exactly `generate_list`'s
-`_choose`; if a child carries that token it is accepted and the walk continues, otherwise the choice is the bonus
+`choose_token`; if a child carries that token it is accepted and the walk continues, otherwise the choice is the bonus
 token. So the committed tokens are exactly the autoregressive greedy tokens.
 
 Sampling (multi-candidate recursive rejection with deterministic candidates): at a node with target distribution p
@@ -49,7 +49,7 @@ import torch
 from padrec import PadrecError
 from padrec.decoding.autoregressive import (
     GenerationConfig,
-    _choose,
+    choose_token,
     apply_logits_processing,
     sample_from_logprobs,
 )
@@ -190,7 +190,7 @@ def accept_greedy(
         if len(toks) == 1:
             choice = toks[0]
         else:
-            # The constrained arg-max (`_choose`: first maximum among the allowed tokens, which are sorted) is the
+            # The constrained arg-max (`choose_token`: first maximum among the allowed tokens, which are sorted) is the
             # unconstrained one whenever that is allowed: it is the smallest token holding the global maximum, so
             # no allowed token before it can tie. One arg-max over all rows replaces a gather + arg-max per node.
             if top is None:
@@ -198,7 +198,7 @@ def accept_greedy(
             choice = top[node + 1]
             if choice not in toks:
                 row = _row(root_logits, node_logits, node)
-                choice = _choose(row, toks, tensor.to(row.device), cfg, None)
+                choice = choose_token(row, toks, tensor.to(row.device), cfg, None)
         child = tree.child_by_token(node).get(choice)
         if child is None:
             return path, choice
