@@ -1,21 +1,7 @@
-"""EAGLE-style feature-level draft: its sessions (reference and fused) and the `Draft` wrapper; the model, one decoder
-layer over (token embedding, target feature) pairs, is in drafts/eagle_model.py.
-
-    h      = fuse(x_i, f_{i-1}) = fc([embed(x_i); f_{i-1}])      f_{i-1}: target last hidden state before x_i
-    h      = extra(h, slots, depths, position_ids)               identity here; PAD-Rec adds slot/step embeddings
-    f̂_i    = LlamaDecoderLayer(h)                               the predicted target feature at x_i
-    logits = target_lm_head(f̂_i)                                next-token distribution (frozen copy of the head)
-
-The target features are HF `model.model(...).last_hidden_state`, i.e. *after* the final norm, so the target's
-LM head is applied to them (and to f̂) directly.
-
-Positions: a token's position id is its index in the sequence (BOS = 0), in training and in a session alike;
-a speculative node at tree depth d sits at `committed_len - 1 + d`. The feature paired with the very first
-token (BOS) is the zero vector — in training (there is no state before BOS) and in a session (the first
-committed feature is zeroed).
-
-`forward` takes an explicit additive 4D mask and position ids, so multi-step (HASS) training can lay out
-several unrolled steps in one sequence.
+"""EAGLE-style feature-level draft at inference: its sessions (`ReferenceEagleSession` on the Hugging Face modules,
+`EagleSession` on the fused path) and the `Draft` wrapper. The model, its formulas and its position and feature
+conventions are in drafts/eagle_model.py; a session keeps them: a speculative node at tree depth d sits at position
+`committed_len - 1 + d`, and the first committed feature is zeroed.
 """
 
 from __future__ import annotations
