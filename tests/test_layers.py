@@ -20,6 +20,7 @@ LAYERS = [
     ["padrec.drafts"],
     ["padrec.speculative"],
     ["padrec.evaluation"],
+    ["padrec.baselines"],
     ["padrec.api", "padrec.pipeline"],
     ["padrec.serving"],
     ["padrec.demo"],

@@ -162,6 +162,39 @@ def cmd_evaluate(a) -> None:
     evaluate(Run(a.run), a.split, _rank_configs(a), limit=a.limit)
 
 
+def cmd_baseline(a) -> None:
+    import torch
+
+    from padrec.baselines.evaluate import baseline_rows, default_dir
+    from padrec.baselines.sasrec import SASRecConfig, train_sasrec
+    from padrec.data.dataset import load_dataset
+    from padrec.files import atomic_write_text
+    from padrec.pipeline import metrics_table
+    from padrec.provenance import machine_description
+    from padrec.ui import console
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ds = load_dataset(a.dataset)
+    out = Path(a.out) if a.out else default_dir(a.dataset)
+    train = None
+    if a.name == "sasrec":
+        cfg = SASRecConfig(epochs=a.epochs, patience=a.patience, time_budget_min=a.time_budget_min, seed=a.seed,
+                           threads=a.threads, layers=a.layers, hidden=a.hidden, dropout=a.dropout, max_len=a.max_len)
+        train = train_sasrec(ds, cfg, out / "sasrec", resume=not a.no_resume)
+    result = {"dataset": a.dataset, "baseline": a.name, "command": a.command_line, "machine": machine_description()}
+    for split in ("valid", "test"):
+        rows = baseline_rows(ds, split, a.limit, out / "sasrec" if a.name == "sasrec" else None)
+        rows = [r for r in rows if (r["label"] == "SASRec") == (a.name == "sasrec")]
+        result[split] = rows
+        console.print(metrics_table(rows, title=f"{a.dataset} - {split} ({rows[0]['users']} users)"))
+    if train is not None:
+        result["train_seconds"], result["epochs"] = train["train_seconds"], len(train["history"])
+    path = out / f"{a.name}_eval.json"
+    atomic_write_text(path, json.dumps(result, indent=2))
+    console.print(f"results written to {path}")
+
+
 def cmd_recommend(a) -> None:
     from tqdm.auto import tqdm
 
@@ -459,6 +492,27 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_baseline(sub) -> None:
+    p = sub.add_parser("baseline", help="what a user would deploy instead: MostPop or SASRec, on the same split and "
+                       "metrics as the targets")
+    p.add_argument("name", choices=["pop", "sasrec"])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", default=None, help="folder of the dataset's baselines (default: runs/baselines/DATASET; "
+                   "`padrec evaluate` shows the SASRec trained there beside the target)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N users of each split")
+    p.add_argument("--epochs", type=int, default=200, help="sasrec: at most this many epochs")
+    p.add_argument("--patience", type=int, default=10, help="sasrec: epochs without validation Recall@10 gain")
+    p.add_argument("--time-budget-min", type=float, default=None)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--max-len", type=int, default=50, help="sasrec: most recent items it reads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_baseline)
+
+
 def _add_recommend(sub) -> None:
     p = sub.add_parser("recommend", help="ranked lists as JSONL for a split's users, or for one --history")
     p.add_argument("--run", required=True)
@@ -603,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize(sub)
     _add_train_target(sub)
     _add_evaluate(sub)
+    _add_baseline(sub)
     _add_recommend(sub)
     _add_train_draft(sub)
     _add_calibrate(sub)

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from padrec.baselines.evaluate import baseline_rows, default_dir
 from padrec.data.dataset import load_dataset
 from padrec.evaluation.evaluate import RankConfig, evaluate_cases
 from padrec.files import atomic_write_text
@@ -34,21 +35,26 @@ def tokenize(run_dir: Path, dataset: str, cfg: TokenizerConfig, max_history: int
 
 
 def evaluate(run: Run, split: str, configs: list[RankConfig], limit: int | None = None, progress: bool = True,
-             model=None) -> dict:
+             model=None, baselines_dir: Path | None = None) -> dict:
+    """The target's rows for each configuration, and the baselines' rows (MostPop; SASRec when trained in
+    `baselines_dir`, default runs/baselines/<dataset>) on the same users."""
     model = (model or run.load_target()).to(dist.device())
     cases = run.dataset.eval_cases(split, max_history=run.info.max_history)
     if limit:
         cases = cases[:limit]
     # under torchrun each rank decodes its share of the users and every rank gets all the rankings back
     rows = [evaluate_cases(model, run, cases, cfg, progress) for cfg in configs]
+    base_dir = Path(baselines_dir) if baselines_dir is not None else default_dir(run.info.dataset)
+    baselines = baseline_rows(run.dataset, split, limit, base_dir / "sasrec")
     result = {"run": str(run.path), "dataset": run.info.dataset, "split": split, "results": rows,
+              "baselines": baselines,
               "machine": {**machine_description(),
                           **({"processes": dist.world_size()} if dist.world_size() > 1 else {})},
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = run.results_dir / f"eval_{split}.json"
     if dist.is_main():
         atomic_write_text(out, json.dumps(result, indent=2))
-        console.print(metrics_table(rows, title=f"{run.info.dataset} — {split} ({len(cases)} users)"))
+        console.print(metrics_table(rows + baselines, title=f"{run.info.dataset} — {split} ({len(cases)} users)"))
         console.print(f"results written to {out}")
     return result
 
@@ -56,8 +62,12 @@ def evaluate(run: Run, split: str, configs: list[RankConfig], limit: int | None 
 def metrics_table(rows: list[dict], title: str):
     shown = []
     for r in rows:
-        label = f"beam{r['config']['beam_size']}" if r["mode"] == "beam" else f"list{r['config']['n_items']}" + (
-            " sampled" if r["config"]["do_sample"] else "")
+        if r["mode"] == "baseline":
+            label = r["label"]
+        elif r["mode"] == "beam":
+            label = f"beam{r['config']['beam_size']}"
+        else:
+            label = f"list{r['config']['n_items']}" + (" sampled" if r["config"]["do_sample"] else "")
         row = {"mode": label}
         for k in (5, 10, 20):
             for m in ("recall", "ndcg"):

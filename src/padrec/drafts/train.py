@@ -19,7 +19,6 @@ resuming.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 
@@ -198,7 +197,7 @@ def _resume_draft(run, cfg: DraftTrainConfig, identity: dict, resume: bool, targ
         raise PadrecError(f"{last_path} holds an interrupted draft training for another target; "
                           "start over with resume=False (--no-resume)")
     state = torch.load(last_path / "train_state.pt", weights_only=True)
-    resumed = Resumed(json.loads(state["history_json"]), int(state["epoch"]) + 1, state["optimizer"])
+    resumed = Resumed.from_state(state)
     return load_draft_weights(last_path, meta), meta["model_config"], meta.get("started_from"), resumed
 
 

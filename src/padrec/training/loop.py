@@ -62,11 +62,18 @@ class Step:
 
 @dataclass
 class Resumed:
-    """Where an interrupted training continues: its history, the next epoch and the optimizer state."""
+    """Where an interrupted training continues: its history, the next epoch, the optimizer state and torch's random
+    state (dropout draws from it: without it a resumed run would not retrace the uninterrupted one)."""
 
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     optimizer: dict | None = None
+    rng: torch.Tensor | None = None
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Resumed":
+        """From a saved train_state (states saved before the random state was kept have none)."""
+        return cls(json.loads(state["history_json"]), int(state["epoch"]) + 1, state["optimizer"], state.get("rng"))
 
 
 class TrainTask:
@@ -146,6 +153,8 @@ def run_training(task: TrainTask, cfg: LoopConfig, resumed: Resumed, progress: b
     opt = torch.optim.AdamW(task.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=task.betas)
     if resumed.optimizer is not None:
         opt.load_state_dict(resumed.optimizer)
+    if resumed.rng is not None:
+        torch.set_rng_state(resumed.rng)
     history = list(resumed.history)
     best, bad_epochs = _patience_state(task, history)
     stopped = history[-1].get("stop_reason") if history else None
@@ -179,7 +188,8 @@ def run_training(task: TrainTask, cfg: LoopConfig, resumed: Resumed, progress: b
         if improved:
             best = task.score(entry)
         if dist.is_main():  # every rank holds the same weights; one writes them
-            state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history)}
+            state = {"optimizer": opt.state_dict(), "epoch": epoch, "history_json": json.dumps(history),
+                     "rng": torch.get_rng_state()}
             task.save(epoch, history, improved, entry, state)
         dist.barrier()
         stopped = reason

@@ -150,7 +150,7 @@ def _resume_target(run: Run, cfg: TrainConfig, resume: bool, progress: bool):
             "pass the same settings to resume, or --no-resume to start over"
         )
     model, _ = load_checkpoint(run.target_last_dir, expect=run.checkpoint_identity())
-    resumed = Resumed(json.loads(state["history_json"]), int(state["epoch"]) + 1, state["optimizer"])
+    resumed = Resumed.from_state(state)
     if progress:
         tqdm.write(f"resuming from {run.target_last_dir}: {resumed.start_epoch} epoch(s) done")
     return model, resumed
