@@ -29,7 +29,13 @@ def test_train_target_defaults():
 
     _check("train-target", TrainConfig(), {"preset": "preset", "epochs": "epochs", "batch_size": "batch_size",
                                            "lr": "lr", "patience": "patience", "seed": "seed",
-                                           "time_budget_min": "time_budget_min", "base_model": "base_model"})
+                                           "time_budget_min": "time_budget_min", "base_model": "base_model",
+                                           "dropout": "dropout", "select_by": "select_by"})
+    from padrec.training.target_trainer import SELECT_BY
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    select = next(a for a in sub.choices["train-target"]._actions if a.dest == "select_by")
+    assert tuple(select.choices) == SELECT_BY
 
 
 def test_train_draft_defaults_and_kinds():

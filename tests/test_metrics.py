@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from padrec.evaluation.metrics import ndcg_at_k, ranking_metrics, recall_at_k
+from padrec.metrics import ndcg_at_k, ranking_metrics, recall_at_k
 
 
 def test_single_target_hand_computed():

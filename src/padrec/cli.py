@@ -75,6 +75,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     _deprecated(p, "--train-seed", "--seed", "seed", type=int)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on the embeddings and every block's output, in training (0: none)")
+    p.add_argument("--select-by", default="loss", choices=["loss", "recall@10", "ndcg@10"],
+                   help="the best epoch by validation loss, or by the validation queries' beam-20 ranking")
 
 
 def _train_config(a):
@@ -82,7 +86,7 @@ def _train_config(a):
 
     return TrainConfig(preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
                        time_budget_min=a.time_budget_min, base_model=a.base_model, threads=a.threads,
-                       seed=a.seed)
+                       seed=a.seed, dropout=a.dropout, select_by=a.select_by)
 
 
 def _tokenizer_config(a):

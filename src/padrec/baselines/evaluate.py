@@ -10,7 +10,7 @@ from pathlib import Path
 from padrec.baselines.mostpop import rank_most_popular
 from padrec.baselines.sasrec import load_sasrec, rank
 from padrec.data.dataset import Dataset
-from padrec.evaluation.metrics import KS, ranking_metrics
+from padrec.metrics import KS, ranking_metrics
 
 LIST_LENGTH = max(KS)
 

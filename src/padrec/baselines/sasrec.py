@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 from padrec import PadrecError
 from padrec.data.dataset import Dataset
-from padrec.evaluation.metrics import ranking_metrics
+from padrec.metrics import ranking_metrics
 from padrec.files import atomic_write_text
 from padrec.training.loop import LoopConfig, Resumed, Step, TrainTask, run_training
 
@@ -119,7 +120,8 @@ class SASRecTask(TrainTask):
         if not self.sequences:
             raise PadrecError(f"dataset {dataset.name!r} has no user with two training items: nothing to train on")
         self.lengths = [len(s) for s in self.sequences]
-        self.valid = dataset.eval_cases("valid")[: cfg.max_valid_cases]
+        cases = dataset.eval_cases("valid")  # a seeded sample, like the targets' validation
+        self.valid = random.Random(cfg.seed).sample(cases, min(len(cases), cfg.max_valid_cases))
         self.label = "sasrec "
 
     def step(self, idx: list[int]) -> Step:

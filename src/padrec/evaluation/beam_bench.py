@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from padrec import PadrecError
 from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
-from padrec.evaluation.metrics import ranking_metrics
+from padrec.metrics import ranking_metrics
 from padrec.provenance import device_name
 from padrec.run import Run
 from padrec.speculative.beam import BeamSpecConfig, speculative_beam_search

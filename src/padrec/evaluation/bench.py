@@ -31,7 +31,7 @@ from padrec.decoding.autoregressive import (
 )
 from padrec.decoding.trie import ItemTrie
 from padrec.evaluation.bench_rows import SPECULATIVE
-from padrec.evaluation.metrics import ranking_metrics
+from padrec.metrics import ranking_metrics
 from padrec.files import atomic_write_text
 from padrec.models.fast_target import use_fast_target
 from padrec.provenance import device_name, machine_description

@@ -13,7 +13,7 @@ from padrec.data.dataset import EvalCase
 from padrec.decoding.autoregressive import GenerationConfig, generate_list_batch
 from padrec.decoding.beam import beam_search_items_batch
 from padrec.decoding.trie import ItemTrie
-from padrec.evaluation.metrics import KS, ranking_metrics
+from padrec.metrics import KS, ranking_metrics
 from padrec.run import Run
 from padrec.training import distributed as dist
 

@@ -94,7 +94,12 @@ def run_examples(run, max_valid_cases: int, seed: int):
     if not windows:
         raise PadrecError(f"dataset {ds.name!r} has no training sequences")
     train = [lm_example(w, sids, loss_from_item=lf) for w, lf in windows]
-    cases = ds.eval_cases("valid", max_history=run.info.max_history)
-    cases = random.Random(seed).sample(cases, min(len(cases), max_valid_cases))
-    valid = [next_item_example(c.history, t, sids) for c in cases for t in c.targets[:1]]
+    valid = [next_item_example(c.history, t, sids) for c in valid_cases(run, max_valid_cases, seed)
+             for t in c.targets[:1]]
     return train, valid
+
+
+def valid_cases(run, max_valid_cases: int, seed: int):
+    """The seeded sample of validation queries every trainer validates on."""
+    cases = run.dataset.eval_cases("valid", max_history=run.info.max_history)
+    return random.Random(seed).sample(cases, min(len(cases), max_valid_cases))

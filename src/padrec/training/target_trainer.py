@@ -23,7 +23,15 @@ from padrec.models.target import adapt_base_model, build_target, get_preset, pre
 from padrec.run import Run
 from padrec.training import distributed as dist
 from padrec.training.loop import LoopConfig, Resumed, Step, TrainTask, run_training
-from padrec.training.sequences import IGNORE, collate, run_examples
+from padrec.decoding.beam import beam_search_items_batch
+from padrec.decoding.trie import ItemTrie
+from padrec.metrics import ranking_metrics
+from padrec.training.regularise import add_dropout
+from padrec.training.sequences import IGNORE, collate, run_examples, valid_cases
+
+
+SELECT_BY = ("loss", "recall@10", "ndcg@10")
+VALID_BEAM = 20  # beam width (= list length) of the ranking validation
 
 
 @dataclass
@@ -33,6 +41,15 @@ class TrainConfig(LoopConfig):
     preset: str = "small"
     weight_decay: float = 0.05
     base_model: str | None = None  # a local HF causal-LM checkpoint to fine-tune instead of a preset
+    dropout: float = 0.0  # on the embeddings and each block's output, in training (training/regularise.py)
+    # how the best epoch is chosen: validation loss, or the validation queries' ranking (beam search, top 20)
+    select_by: str = "loss"
+
+    def __post_init__(self):
+        if self.select_by not in SELECT_BY:
+            raise PadrecError(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        if not 0 <= self.dropout < 1:
+            raise PadrecError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def validation_loss(model, examples, batch_size: int = 128) -> float:
@@ -99,6 +116,11 @@ class TargetTask(TrainTask):
 
     def __init__(self, run: Run, cfg: TrainConfig, model, train_examples, valid_examples):
         self.run, self.cfg, self.model = run, cfg, model
+        if cfg.select_by != "loss":
+            self.min_delta = 0.0
+            self.cases = dist.shard(valid_cases(run, cfg.max_valid_cases, cfg.seed))
+            self.trie = ItemTrie(run.sids.all_item_tokens())
+        add_dropout(model, cfg.dropout)
         self.dev = dist.device()
         self.params = list(model.parameters())
         self.train_examples, self.valid_examples = train_examples, valid_examples
@@ -120,20 +142,41 @@ class TargetTask(TrainTask):
 
     def validate(self) -> dict:
         if dist.world_size() == 1:
-            return {"valid_loss": validation_loss(self.model, self.valid_examples)}
-        total, count = dist.all_reduce_sum(validation_sums(self.model, dist.shard(self.valid_examples)))
-        return {"valid_loss": total / max(1, count)}
+            out = {"valid_loss": validation_loss(self.model, self.valid_examples)}
+        else:
+            total, count = dist.all_reduce_sum(validation_sums(self.model, dist.shard(self.valid_examples)))
+            out = {"valid_loss": total / max(1, count)}
+        if self.cfg.select_by != "loss":
+            out.update(self._ranking())
+        return out
+
+    @torch.inference_mode()
+    def _ranking(self) -> dict:
+        """Recall@10 / NDCG@10 of beam search (top 20) over this rank's share of the validation queries."""
+        self.model.eval()
+        prompts = [self.run.prompt(c.history) for c in self.cases]
+        res = beam_search_items_batch(self.model, prompts, self.trie, VALID_BEAM, VALID_BEAM) if prompts else []
+        sums = [0.0, 0.0]
+        for r, c in zip(res, self.cases):
+            m = ranking_metrics([r.items], [c.targets], (10,))
+            sums = [sums[0] + m["recall@10"], sums[1] + m["ndcg@10"]]
+        recall, ndcg, n = dist.all_reduce_sum([*sums, len(self.cases)])
+        return {"valid_recall@10": recall / max(1, n), "valid_ndcg@10": ndcg / max(1, n)}
 
     def score(self, entry: dict) -> float:
-        return -entry["valid_loss"]
+        if self.cfg.select_by == "loss":
+            return -entry["valid_loss"]
+        return entry[f"valid_{self.cfg.select_by}"]
 
     def describe(self, entry: dict) -> str:
-        return f"train {entry['train_loss']:.4f}  valid {entry['valid_loss']:.4f}"
+        ranked = (f"  R@10 {entry['valid_recall@10']:.4f}  N@10 {entry['valid_ndcg@10']:.4f}"
+                  if "valid_recall@10" in entry else "")
+        return f"train {entry['train_loss']:.4f}  valid {entry['valid_loss']:.4f}{ranked}"
 
     def save(self, epoch: int, history: list[dict], improved: bool, entry: dict, train_state: dict) -> None:
         if improved:
-            save_checkpoint(self.model, self.run.target_dir,
-                            {**self.meta, "epoch": epoch + 1, "valid_loss": entry["valid_loss"]})
+            valid = {k: v for k, v in entry.items() if k.startswith("valid_")}
+            save_checkpoint(self.model, self.run.target_dir, {**self.meta, "epoch": epoch + 1, **valid})
         save_checkpoint(self.model, self.run.target_last_dir, {**self.meta, "epoch": epoch + 1},
                         extra_tensors=train_state)
         atomic_write_text(self.run.path / "train_history.json", json.dumps(history, indent=2))
@@ -144,7 +187,8 @@ def _resume_target(run: Run, cfg: TrainConfig, resume: bool, progress: bool):
     state = load_train_state(run.target_last_dir) if resume and run.target_last_dir.exists() else None
     if state is None:
         return _new_model(run, cfg), Resumed()
-    if read_meta(run.target_last_dir).get("train_config") != asdict(cfg):
+    # a field added to the config since that run was saved counts as its default
+    if {**asdict(TrainConfig()), **read_meta(run.target_last_dir).get("train_config", {})} != asdict(cfg):
         raise PadrecError(
             f"{run.target_last_dir} holds an interrupted run with different settings; "
             "pass the same settings to resume, or --no-resume to start over"
