@@ -78,12 +78,16 @@ def run_demo(out: Path, dataset: str = "beauty", preset: str = "small", time_bud
         "dataset": dataset, "preset": preset, "run": str(run.path), "quick": quick,
         "target_params": train["n_params"], "epochs": len(train["history"]),
         "train_seconds": train["train_seconds"], "tokenize_seconds": tokenize_s, "total_seconds": total_s,
-        "test": result["results"], "machine": machine_description(),
+        "test": result["results"], "baselines": result["baselines"], "machine": machine_description(),
         "draft_train_seconds": {k: v["train_seconds"] for k, v in draft_outs.items()}, "bench": bench,
     }
     atomic_write_text(run.results_dir / "demo.json", json.dumps(summary, indent=2))
     console.rule("summary")
-    console.print(metrics_table(result["results"], title=f"{dataset} test — {result['results'][0]['users']} users"))
+    console.print(metrics_table(result["results"] + result["baselines"],
+                                title=f"{dataset} test — {result['results'][0]['users']} users"))
+    if not any(r["label"] == "SASRec" for r in result["baselines"]):
+        console.print(f"(no SASRec row: `padrec baseline sasrec --dataset {dataset}` trains one, ~8 minutes on Beauty "
+                      "here, and every later evaluation shows it)")
     console.print(table(display_rows(bench["rows"]),
                         title=f"batch-1 latency, {bench['users']} test users, {bench['n_items']} items "
                               f"(speedup = AR time / decoder time, median over users)"))
