@@ -88,3 +88,17 @@ def test_unknown_kind_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train-draft", "--run", "r", "--kind", "medusa"])
     assert e.value.code == 2 and "invalid choice: 'medusa'" in capsys.readouterr().err
+
+
+def test_demo_and_zoo_pack_defaults():
+    from types import SimpleNamespace
+
+    from padrec.demo import ZOO_BENCH_USERS, ZOO_DEMO_USERS
+    from padrec.zoo_pack import PackConfig
+
+    _check("demo", SimpleNamespace(users=ZOO_DEMO_USERS, bench_users=ZOO_BENCH_USERS),
+           {"users": "users", "bench_users": "bench_users"})
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    zoo = next(a for a in sub.choices["zoo"]._actions if isinstance(a, argparse._SubParsersAction))
+    pack = {a.dest: a.default for a in zoo.choices["pack"]._actions}
+    assert pack["dtype"] == PackConfig(name="x").dtype and pack["check_users"] == PackConfig(name="x").check_users

@@ -7,7 +7,8 @@ from padrec.cli import main
 
 def test_demo_quick_runs_every_step(synth_env, tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--dataset", "synth", "--preset", "tiny", "--out", str(out), "--quick", "--threads", "1"])
+    rc = main(["demo", "--from-scratch", "--dataset", "synth", "--preset", "tiny", "--out", str(out), "--quick",
+               "--threads", "1"])
     assert rc == 0
     summary = json.loads((out / "results" / "demo.json").read_text())
     modes = [r["mode"] for r in summary["test"]]

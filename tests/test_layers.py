@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lowest first; a module may import from its own layer's package and from any lower layer
 LAYERS = [
-    ["padrec", "padrec.files", "padrec.metrics", "padrec.provenance", "padrec.ui"],  # shared utilities
+    ["padrec", "padrec.files", "padrec.metrics", "padrec.provenance", "padrec.ui", "padrec.zoo"],  # shared utilities
     ["padrec.data"],
     ["padrec.tokenizer"],
     ["padrec.models"],
@@ -21,7 +21,7 @@ LAYERS = [
     ["padrec.speculative"],
     ["padrec.evaluation"],
     ["padrec.baselines"],
-    ["padrec.api", "padrec.pipeline"],
+    ["padrec.api", "padrec.pipeline", "padrec.zoo_pack"],
     ["padrec.serving"],
     ["padrec.demo"],
     ["padrec.cli"],

@@ -403,10 +403,15 @@ def _bench_beam(a, run, drafts) -> None:
 
 
 def cmd_demo(a) -> None:
-    from padrec.demo import run_demo
+    from padrec.demo import run_demo, run_zoo_demo
 
-    run_demo(Path(a.out), dataset=a.dataset, preset=a.preset, time_budget_min=a.time_budget_min, quick=a.quick,
-             threads=a.threads)
+    if a.from_scratch:
+        run_demo(Path(a.out), dataset=a.dataset, preset=a.preset, time_budget_min=a.time_budget_min, quick=a.quick,
+                 threads=a.threads)
+    else:
+        if a.quick or a.time_budget_min is not None:
+            raise PadrecError("--quick and --time-budget-min belong to `padrec demo --from-scratch`")
+        run_zoo_demo(a.zoo, users=a.users, bench_users=a.bench_users, threads=a.threads)
 
 
 def cmd_serve(a) -> None:
@@ -421,6 +426,44 @@ def cmd_serve(a) -> None:
         raise PadrecError("--replicas N needs --ray (one uvicorn process serves one model)")
     else:
         serve_http(a.run, a.host, a.port, settings)
+
+
+def cmd_zoo(a) -> None:
+    from padrec import zoo
+    from padrec.ui import console, table
+
+    if a.zoo_cmd == "list":
+        rows = [_zoo_row(name) for name in zoo.list_models()]
+        console.print(table(rows, title=f"model zoo ({zoo.zoo_root()})") if rows else "the model zoo is empty")
+    elif a.zoo_cmd == "copy":
+        dest = zoo.copy_model(a.name, Path(a.dir))
+        console.print(f"zoo model {a.name!r} copied to {dest} (every file checked against its sha256)")
+    elif a.zoo_cmd == "pack":
+        from padrec.zoo_pack import PackConfig, pack
+
+        cfg = PackConfig(name=a.name, drafts=tuple(a.drafts.split(",")) if a.drafts else None, dtype=a.dtype,
+                         check_users=a.check_users or None, description=a.description,
+                         commands=tuple(a.made_by), baselines_file=a.baselines_file)
+        console.print(f"packed into {pack(zoo.resolve_run(a.run), cfg)}")
+    else:
+        from padrec.zoo_pack import add_bench
+
+        console.print(f"bench results added to {add_bench(a.name, Path(a.bench))}")
+
+
+def _zoo_row(name: str) -> dict:
+    from padrec import zoo
+
+    path = zoo.model_dir(name)
+    m = zoo.read_manifest(path)
+    test = {r["label"]: r for r in m.get("test", [])}
+    beam, sas = test.get("target beam20", {}), test.get("SASRec", {})
+    speed = m.get("speed", {})
+    return {"name": name, "dataset": m.get("dataset"), "target": m["target"].get("shape"),
+            "MB": round(zoo.size_bytes(path, m) / 2**20, 1), "drafts": ", ".join(m.get("drafts", {})),
+            "R@10 beam20": beam.get("recall@10"), "N@10 beam20": beam.get("ndcg@10"),
+            "R@10 list10": test.get("target list10", {}).get("recall@10"), "R@10 SASRec": sas.get("recall@10"),
+            "SD speedup": speed.get("speedup"), "best SD": speed.get("decoder")}
 
 
 def _import_args(q) -> None:
@@ -625,14 +668,45 @@ def _add_bench(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: tokenize, train, evaluate on the default dataset")
-    p.add_argument("--dataset", default="beauty")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--time-budget-min", type=float, default=None, help="training time budget")
-    p.add_argument("--quick", action="store_true", help="a ~2 minute version (tiny budget, 500 test users)")
+    p = sub.add_parser("demo", help="the main job: the shipped Beauty model's quality beside the baselines and its "
+                                    "speed (minutes); --from-scratch: tokenize, train, evaluate, benchmark (15 min)")
+    p.add_argument("--zoo", default="beauty", help="the shipped model to show (see `padrec zoo list`)")
+    p.add_argument("--users", type=int, default=300, help="test users decoded live (the zoo demo)")
+    p.add_argument("--bench-users", type=int, default=20, help="test users of the speed table (the zoo demo)")
+    p.add_argument("--from-scratch", action="store_true", help="run the whole pipeline here instead")
+    p.add_argument("--dataset", default="beauty", help="--from-scratch: the dataset")
+    p.add_argument("--preset", default="small", help="--from-scratch: the target preset")
+    p.add_argument("--out", default="runs/demo", help="--from-scratch: the run directory")
+    p.add_argument("--time-budget-min", type=float, default=None, help="--from-scratch: training time budget")
+    p.add_argument("--quick", action="store_true", help="--from-scratch: a ~3 minute version (tiny budget, 500 users)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_demo)
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="trained models shipped in the repository: list, copy, pack (use one with "
+                                   "--run zoo:NAME in any command)")
+    zsub = p.add_subparsers(dest="zoo_cmd", required=True)
+    zsub.add_parser("list", help="the shipped models with their test quality and speed")
+    q = zsub.add_parser("copy", help="a verified copy of a shipped model as a run directory")
+    q.add_argument("name")
+    q.add_argument("dir")
+    q = zsub.add_parser("pack", help="store a trained run in the zoo (16-bit weights where no decoded list changes, "
+                                     "test evaluation, manifest with sha256 of every file)")
+    q.add_argument("--run", required=True)
+    q.add_argument("--name", required=True)
+    q.add_argument("--drafts", default=None, help="drafts to ship, comma separated (default: all of the run's)")
+    q.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    q.add_argument("--check-users", type=int, default=1000,
+                   help="test users whose beam-20 / list-10 lists must be unchanged in 16 bits (0: all)")
+    q.add_argument("--description", default="")
+    q.add_argument("--made-by", action="append", default=[], help="a command that made the run (repeatable)")
+    q.add_argument("--baselines-file", default="benchmarks/results/baselines.json",
+                   help="committed baseline results, shown where none are trained under runs/baselines")
+    q = zsub.add_parser("add-bench", help="record a `padrec bench` result of a zoo model's copy in its manifest")
+    q.add_argument("name")
+    q.add_argument("bench", help="the bench JSON (run on --run zoo:NAME)")
+    p.set_defaults(func=cmd_zoo)
 
 
 def _add_serve(sub) -> None:
@@ -669,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_demo(sub)
     _add_serve(sub)
+    _add_zoo(sub)
     return ap
 
 
@@ -689,11 +764,25 @@ def _join_process_group(cmd: str) -> bool:
     return dist.init_from_env()
 
 
+def _resolve_zoo_run(args) -> None:
+    """--run zoo:NAME: the verified working copy of a shipped model, so commands read and write a plain folder."""
+    from padrec import zoo
+
+    run = getattr(args, "run", None)
+    if not (isinstance(run, str) and run.startswith(zoo.PREFIX)) or args.cmd == "zoo":
+        return
+    if args.cmd == "tokenize":
+        raise PadrecError("tokenize creates a run directory; a zoo model has its semantic IDs already "
+                          "(`padrec zoo copy NAME DIR` gives you a run directory to change)")
+    args.run = str(zoo.resolve_run(run))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # what produced a result file: recorded in the JSON that bench writes
     args.command_line = "padrec " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
+        _resolve_zoo_run(args)
         grouped = _join_process_group(args.cmd)
         args.func(args)
         if grouped:  # only on success: on an error torchrun stops the other ranks, which may sit in a collective

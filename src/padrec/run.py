@@ -19,6 +19,7 @@ from padrec import PadrecError
 from padrec.data.dataset import Dataset, load_dataset
 from padrec.files import atomic_write_text
 from padrec.tokenizer.semantic_ids import SemanticIDs, items_to_tokens
+from padrec.zoo import resolve_run
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunInfo:
 
 class Run:
     def __init__(self, path: Path | str):
-        self.path = Path(path)
+        self.path = resolve_run(path)  # a path, or zoo:<name> (a verified copy of a shipped model)
         if not (self.path / "run.json").is_file():
             raise PadrecError(f"{self.path} is not a padrec run directory (no run.json); create one with `padrec tokenize`")
         try:

@@ -23,7 +23,8 @@ import torch
 from padrec import PadrecError
 from padrec.drafts.acceptance import ACCEPTANCE_FILE, AcceptanceModel
 from padrec.drafts.kinds import DRAFT_KINDS, KINDS
-from padrec.models.checkpoint import sha256_file, read_meta, write_dir_atomically
+from padrec.files import sha256_file
+from padrec.models.checkpoint import read_meta, write_dir_atomically
 
 META = "draft.json"
 WEIGHTS = "model.safetensors"

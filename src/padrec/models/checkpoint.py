@@ -10,7 +10,6 @@ trained for; loading checks both.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -20,16 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from padrec import PadrecError
+from padrec.files import sha256_file
 
 META = "padrec.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _OLD = ".old-"
@@ -140,7 +132,8 @@ def load_checkpoint(path: Path, expect: dict | None = None):
             )
     verify_files(path, meta)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        # computed in float32 whatever the stored width (the zoo stores 16-bit weights)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except Exception as e:  # HF raises many types for a broken folder
         raise PadrecError(f"cannot load checkpoint {path}: {e}") from e
     model.eval()

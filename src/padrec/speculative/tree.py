@@ -25,6 +25,8 @@ Children of a node are listed in draft proposal order: descending draft log-prob
 
 from __future__ import annotations
 
+import re
+
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +97,17 @@ class TreeConfig:
             out.append(cls(kind="tree", depth=depth, top_k=top_k, total_tokens=total, score=score,
                            min_accept=min_accept))
         return out
+
+    @classmethod
+    def from_label(cls, label: str) -> "TreeConfig":
+        """The inverse of `label` ("chain8", "tree16x4/48cal@0.1"), e.g. for a configuration named in a result."""
+        m = re.fullmatch(r"chain(\d+)|tree(\d+)x(\d+)/(\d+)(cal(?:@([\d.]+))?)?", label.strip())
+        if not m:
+            raise PadrecError(f"not a tree label: {label!r} (expected chainN or treeDxK/T[cal[@P]])")
+        if m[1]:
+            return cls.chain(int(m[1]))
+        return cls(kind="tree", depth=int(m[2]), top_k=int(m[3]), total_tokens=int(m[4]),
+                   score="calibrated" if m[5] else "draft", min_accept=float(m[6]) if m[6] else 0.0)
 
     @property
     def label(self) -> str:
