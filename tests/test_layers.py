@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lowest first; a module may import from its own layer's package and from any lower layer
 LAYERS = [
-    ["padrec", "padrec.files", "padrec.metrics", "padrec.provenance", "padrec.ui", "padrec.zoo"],  # shared utilities
+    ["padrec", "padrec.files", "padrec.metrics", "padrec.provenance", "padrec.ui"],  # shared utilities
+    ["padrec.zoo"],  # finding shipped models (torch-free; `Run` resolves zoo:NAME through it)
     ["padrec.data"],
     ["padrec.tokenizer"],
     ["padrec.models"],
@@ -21,7 +22,8 @@ LAYERS = [
     ["padrec.speculative"],
     ["padrec.evaluation"],
     ["padrec.baselines"],
-    ["padrec.api", "padrec.pipeline", "padrec.zoo_pack"],
+    ["padrec.api", "padrec.pipeline"],
+    ["padrec.zoo_pack"],
     ["padrec.serving"],
     ["padrec.demo"],
     ["padrec.cli"],

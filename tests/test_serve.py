@@ -129,6 +129,32 @@ def test_speculative_gives_the_autoregressive_list_and_tau(server, histories):
         assert sd["draft"] == "eagle" and sd["tau"] >= 1.0 and sd["latency_ms"] > 0
 
 
+def test_strict_speculative_beam_search_gives_plain_beam_search(server, histories):
+    """Every test user: the same items, order and scores (float32 rounding: the tree forward scores a prefix with
+    other shapes; a choice closer than that falls back to plain beam search, reported per request)."""
+    client, _ = server
+    fallbacks = 0
+    for hist in histories:
+        plain = post(client, history=hist, k=5, mode="beam").json()
+        sd = post(client, history=hist, k=5, mode="beam", decoder="sd").json()
+        assert [x["item"] for x in sd["items"]] == [x["item"] for x in plain["items"]]
+        assert [x["score"] for x in sd["items"]] == pytest.approx([x["score"] for x in plain["items"]], abs=1e-4)
+        assert sd["lossless"] is True and sd["verify"] == "strict" and sd["draft"] == "eagle" and sd["tau"] >= 1
+        assert isinstance(sd["fallback"], bool) and "fallback" not in plain and "lossless" not in plain
+        fallbacks += sd["fallback"]
+    assert fallbacks < len(histories)
+
+
+def test_relaxed_speculative_beam_search_is_labelled_and_reproducible(server, histories):
+    client, _ = server
+    first = post(client, history=histories[0], k=5, mode="beam", decoder="sd", verify="relaxed",
+                 draft_beams=8, gamma=2).json()
+    assert first["lossless"] is False and first["verify"] == "relaxed" and isinstance(first["seed"], int)
+    again = post(client, history=histories[0], k=5, mode="beam", decoder="sd", verify="relaxed", draft_beams=8,
+                 gamma=2, seed=first["seed"]).json()
+    assert again["items"] == first["items"]
+
+
 @pytest.mark.parametrize("decoder", ["ar", "sd"])
 def test_sampling_is_reproducible_with_its_seed(server, histories, decoder):
     client, _ = server
@@ -158,7 +184,13 @@ BAD = [
     ({"history": [f"I{i:03d}" for i in range(55)], "k": 10, "exclude_history": True}, 422, ["only 5 items remain"]),
     ({"history": ["I000"], "mode": "greedy"}, 422, ["mode", "'list' or 'beam'"]),
     ({"history": ["I000"], "decoder": "medusa"}, 422, ["decoder", "'ar' or 'sd'"]),
-    ({"history": ["I000"], "mode": "beam", "decoder": "sd"}, 422, ["list mode only"]),
+    ({"history": ["I000"], "mode": "beam", "decoder": "sd", "k": 5, "draft_beams": 3}, 422, ["K <= N", "N=3"]),
+    ({"history": ["I000"], "mode": "beam", "decoder": "sd", "gamma": 0}, 422, ["gamma", "greater than or equal"]),
+    ({"history": ["I000"], "mode": "beam", "verify": "strict"}, 422, ["verify applies", "decoder='sd'"]),
+    ({"history": ["I000"], "decoder": "sd", "gamma": 2}, 422, ["gamma applies", "mode='beam'"]),
+    ({"history": ["I000"], "mode": "beam", "decoder": "sd", "verify": "loose"}, 422, ["verify", "'strict' or"]),
+    ({"history": ["I000"], "mode": "beam", "decoder": "sd", "temperature": 1}, 422, ["deterministic"]),
+    ({"history": ["I000"], "mode": "beam", "decoder": "sd", "draft": "hydra"}, 404, ["unknown draft 'hydra'"]),
     ({"history": ["I000"], "decoder": "sd", "draft": "hydra"}, 404, ["unknown draft 'hydra'", "eagle"]),
     ({"history": ["I000"], "draft": "eagle"}, 422, ["only used with decoder='sd'"]),
     ({"history": ["I000"], "mode": "beam", "temperature": 0.5}, 422, ["beam search is deterministic"]),

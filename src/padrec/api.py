@@ -19,6 +19,7 @@ from padrec.decoding.trie import ItemTrie
 from padrec.drafts.registry import load_draft
 from padrec.evaluation.evaluate import RankConfig
 from padrec.run import Run
+from padrec.speculative.beam import BeamSpecConfig, speculative_beam_search
 from padrec.speculative.decoder import speculative_generate
 
 
@@ -79,11 +80,44 @@ class Recommender:
                                        generator=generator, history=history)
         return res.items, res.stats["tau"]
 
-    def recommend(self, raw_history, k: int = 10, mode: str = "beam", **kw) -> list[dict]:
+    def recommend_speculative_beam(self, history: list[int], cfg: RankConfig, draft: str,
+                                   spec: BeamSpecConfig | None = None,
+                                   generator: torch.Generator | None = None) -> tuple[list[int], list[float], dict]:
+        """Beam mode through speculative beam search. Strict verification (the default) returns what
+        `recommend_dense` returns (items, order and scores); `stats` says whether this request was handed to plain
+        beam search because float rounding could flip one of its choices (`fallback`). Relaxed verification
+        (AtSpeed-R) samples: faster at best, not the same list (`lossless` False)."""
+        spec = spec or BeamSpecConfig.for_beam_width(cfg.beam_size)
+        if spec.beam_size != cfg.beam_size:
+            raise PadrecError(f"the speculative beam width {spec.beam_size} differs from the request's {cfg.beam_size}")
+        if cfg.list_length > self.trie.num_items:
+            raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
+        loaded = self.draft(draft)
+        prompt = self.run.prompt(history)
+        with torch.inference_mode():
+            res = speculative_beam_search(self.model, loaded, prompt, self.trie, spec,
+                                          history if cfg.exclude_history else (), generator)
+        stats = {"tau": res.stats["tau"], "fallback": res.stats["near_tie_fallback"],
+                 "lossless": spec.verify == "strict"}
+        return res.items, res.scores, stats
+
+    def recommend(self, raw_history, k: int = 10, mode: str = "beam", decoder: str = "ar", draft: str = "eagle",
+                  spec=None, **kw) -> list[dict]:
+        """Top-`k` items for a history of the dataset's own ids, with titles (and scores in beam mode).
+        decoder="sd": the same answer through speculative decoding with `draft` (`spec`: a `SpecConfig` in list
+        mode, a `BeamSpecConfig` in beam mode; default: the measured fastest strict settings)."""
         if k < 1:
             raise PadrecError(f"k must be >= 1, got {k}")
+        if decoder not in ("ar", "sd"):
+            raise PadrecError(f"decoder must be 'ar' or 'sd', got {decoder!r}")
         cfg = RankConfig(mode=mode, beam_size=max(k, kw.pop("beam_size", k)), n_items=k, **kw)
-        items, scores = self.recommend_dense(self.to_dense(raw_history), cfg)
+        history = self.to_dense(raw_history)
+        if decoder == "ar":
+            items, scores = self.recommend_dense(history, cfg)
+        elif mode == "beam":
+            items, scores, _ = self.recommend_speculative_beam(history, cfg, draft, spec)
+        else:
+            (items, _), scores = self.recommend_speculative(history, cfg, draft, spec), None
         ds = self.run.dataset
         return [
             {"item": ds.items[i].raw_id, "title": ds.items[i].title, **({"score": scores[r]} if scores else {})}

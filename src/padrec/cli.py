@@ -200,47 +200,136 @@ def cmd_baseline(a) -> None:
 
 
 def cmd_recommend(a) -> None:
-    from tqdm.auto import tqdm
-
     from padrec.api import Recommender
-    from padrec.evaluation.evaluate import rank_histories_sharded
     from padrec.files import atomic_write_text
     from padrec.training import distributed as dist
     from padrec.ui import console, table
 
     rec = Recommender(a.run, threads=a.threads)
     cfg = _rank_configs(a)[0]
+    spec = _recommend_spec(a, cfg)
+    draft = _default_draft(rec.run, a.draft) if a.decoder == "sd" else None
     if a.history is not None:
         history = [h.strip() for h in a.history.split(",") if h.strip()]
         rows = rec.recommend(history, k=cfg.list_length, mode=cfg.mode, beam_size=cfg.beam_size,
-                             exclude_history=cfg.exclude_history)
+                             exclude_history=cfg.exclude_history, decoder=a.decoder, draft=draft, spec=spec)
         if dist.is_main():
-            console.print(table(rows, title="recommendations"))
+            console.print(table(rows, title="recommendations" + (f" (speculative, draft {draft})" if draft else "")))
         return
     if not a.out:
         raise PadrecError("give --out FILE (to rank the users of a split) or --history ID,ID,...")
     cases = rec.run.dataset.eval_cases(a.dataset_split, max_history=rec.run.info.max_history)
     if a.limit:
         cases = cases[: a.limit]
-    items = rec.run.dataset.items
     if a.decoder == "sd":
-        if cfg.mode != "list":
-            raise PadrecError("--decoder sd works in list mode (--mode list); speculative beam search is "
-                              "measured with `padrec bench --mode beam`")
-        spec = _spec_config(a)
-        lines = []
-        # batch 1 per user, so any split of the users over torchrun ranks gives the same lists
-        for c in tqdm(dist.shard(cases), desc="speculative decoding", unit="user", disable=not dist.is_main()):
-            ranked, tau = rec.recommend_speculative(list(c.history), cfg, a.draft, spec)
-            lines.append(json.dumps({"user": c.user, "items": [items[i].raw_id for i in ranked], "tau": tau}))
-        lines = [line for part in dist.all_gather_objects(lines) for line in part]
+        lines, summary = _recommend_speculative(rec, cases, cfg, draft, spec)
     else:
-        rankings = rank_histories_sharded(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg,
-                                          progress=dist.is_main())
-        lines = [json.dumps({"user": c.user, "items": [items[i].raw_id for i in r]}) for c, r in zip(cases, rankings)]
+        lines, summary = _recommend_batched(rec, cases, cfg)
     if dist.is_main():
         atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
         console.print(f"wrote {len(lines)} users' {cfg.mode} lists to {a.out}")
+        for line in summary:
+            console.print(line)
+
+
+def _default_draft(run, name: str | None) -> str:
+    from padrec.drafts.registry import list_drafts
+
+    if name:
+        return name
+    drafts = list_drafts(run)
+    if not drafts:
+        raise PadrecError(f"--decoder sd needs a trained draft and run {run.path} has none; "
+                          f"train one with `padrec train-draft --run {run.path}`")
+    return "eagle" if "eagle" in drafts else drafts[0]
+
+
+def _recommend_spec(a, cfg):
+    """None for --decoder ar; the chain/tree of list mode or the beam settings of beam mode for --decoder sd."""
+    beam_flags = [f"--{f.replace('_', '-')}" for f in ("verify", "draft_beams", "gamma") if getattr(a, f) is not None]
+    tree_flags = [f"--{f}" for f in ("chain", "tree") if getattr(a, f) is not None]
+    if a.decoder == "sd" and cfg.mode == "beam":
+        if cfg.do_sample or tree_flags:
+            raise PadrecError("speculative beam search is deterministic top-K: it takes no --sample, --chain or "
+                              "--tree (those are list mode's)")
+        from padrec.speculative.beam import BeamSpecConfig
+
+        return BeamSpecConfig.for_beam_width(cfg.beam_size, a.draft_beams, a.gamma, a.verify or "strict")
+    if beam_flags:
+        raise PadrecError(f"{', '.join(beam_flags)} belong to speculative beam search (--mode beam --decoder sd)")
+    if a.decoder == "sd":
+        return _spec_config(a)
+    if tree_flags:
+        raise PadrecError(f"{', '.join(tree_flags)} belong to speculative decoding (--decoder sd)")
+    return None
+
+
+def _recommend_batched(rec, cases, cfg) -> tuple[list[str], list[str]]:
+    import time
+
+    from padrec.evaluation.evaluate import rank_histories_sharded
+    from padrec.training import distributed as dist
+
+    items = rec.run.dataset.items
+    t0 = time.perf_counter()
+    rankings = rank_histories_sharded(rec.model, rec.run, rec.trie, [c.history for c in cases], cfg,
+                                      progress=dist.is_main())
+    seconds = time.perf_counter() - t0
+    lines = [json.dumps({"user": c.user, "items": [items[i].raw_id for i in r]}) for c, r in zip(cases, rankings)]
+    return lines, [f"autoregressive, batched ({cfg.batch_size} users per model call): {len(cases) / seconds:.1f} "
+                   f"users/s. For one request's latency, --decoder sd (batch 1) is the faster path on a deep target."]
+
+
+def _recommend_speculative(rec, cases, cfg, draft: str, spec) -> tuple[list[str], list[str]]:
+    """Batch 1 per user (so any split of the users over torchrun ranks gives the same lists), then the batched AR
+    path timed on a sample of the same users: the summary states what each path is for."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from padrec.training import distributed as dist
+
+    items = rec.run.dataset.items
+    records = []
+    t0 = time.perf_counter()
+    for c in tqdm(dist.shard(cases), desc="speculative decoding", unit="user", disable=not dist.is_main()):
+        if cfg.mode == "beam":
+            ranked, scores, stats = rec.recommend_speculative_beam(list(c.history), cfg, draft, spec)
+            extra = {"scores": scores, "tau": stats["tau"], "fallback": stats["fallback"]}
+        else:
+            ranked, tau = rec.recommend_speculative(list(c.history), cfg, draft, spec)
+            extra = {"tau": tau}
+        records.append({"user": c.user, "items": [items[i].raw_id for i in ranked], **extra})
+    seconds = dist.all_reduce_sum([time.perf_counter() - t0])[0] / dist.world_size()
+    records = [r for part in dist.all_gather_objects(records) for r in part]
+    summary = [f"speculative decoding, batch 1 (draft {draft}): {len(records) / seconds:.1f} users/s, "
+               f"{1000 * seconds / max(1, len(records)):.1f} ms per user, mean τ "
+               f"{sum(r['tau'] for r in records) / max(1, len(records)):.2f}"]
+    if cfg.mode == "beam":
+        fell = sum(r["fallback"] for r in records)
+        summary.append(f"strict verification: the same items, order and scores as plain beam search; {fell} of "
+                       f"{len(records)} users were handed to plain beam search (a float near-tie)"
+                       if spec.verify == "strict" else
+                       "relaxed verification (AtSpeed-R): sampled lists, NOT plain beam search's answer")
+    summary.append(_batched_throughput(rec, cases, cfg))
+    return [json.dumps(r) for r in records], summary
+
+
+def _batched_throughput(rec, cases, cfg, sample: int = 256) -> str:
+    import time
+
+    import torch
+
+    from padrec.evaluation.evaluate import rank_histories
+
+    some = cases[:sample]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        rank_histories(rec.model, rec.run, rec.trie, [c.history for c in some], cfg, progress=False)
+    rate = len(some) / (time.perf_counter() - t0)
+    return (f"autoregressive, batched ({cfg.batch_size} users per model call), timed on {len(some)} of these users: "
+            f"{rate:.1f} users/s. Speculative decoding is batch-1 latency decoding (one request as fast as "
+            f"possible, e.g. `padrec serve`); for scoring many users offline the batched path has the throughput.")
 
 
 def _spec_config(a):
@@ -439,7 +528,12 @@ def cmd_zoo(a) -> None:
         dest = zoo.copy_model(a.name, Path(a.dir))
         console.print(f"zoo model {a.name!r} copied to {dest} (every file checked against its sha256)")
     elif a.zoo_cmd == "pack":
+        import torch
+
         from padrec.zoo_pack import PackConfig, pack
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
 
         cfg = PackConfig(name=a.name, drafts=tuple(a.drafts.split(",")) if a.drafts else None, dtype=a.dtype,
                          check_users=a.check_users or None, description=a.description,
@@ -567,10 +661,19 @@ def _add_recommend(sub) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--history", default=None, help="comma-separated item ids (the dataset's own ids)")
-    p.add_argument("--decoder", default="ar", choices=["ar", "sd"], help="sd: speculative decoding (list mode)")
-    p.add_argument("--draft", default="eagle", help="draft name for --decoder sd")
-    p.add_argument("--chain", default=None, help="sd: chain of γ drafted tokens (default: 8, unless --tree)")
-    p.add_argument("--tree", default=None, help="sd: DEPTH,TOPK,TOTAL[,cal[@P]] of a dynamic tree instead")
+    p.add_argument("--decoder", default="ar", choices=["ar", "sd"],
+                   help="ar: batched autoregressive decoding (throughput: many users per model call); sd: "
+                        "speculative decoding, one user at a time (latency), the same lists (beam: strict)")
+    p.add_argument("--draft", default=None, help="--decoder sd: draft name (default: eagle if trained, else the first)")
+    p.add_argument("--chain", default=None, help="sd, list mode: chain of γ drafted tokens (default: 8, unless --tree)")
+    p.add_argument("--tree", default=None, help="sd, list mode: DEPTH,TOPK,TOTAL[,cal[@P]] of a dynamic tree instead")
+    p.add_argument("--verify", default=None, choices=["strict", "relaxed"],
+                   help="sd, beam mode: strict (default: plain beam search's items, order and scores) or relaxed "
+                        "(AtSpeed-R, sampled: not lossless)")
+    p.add_argument("--draft-beams", type=int, default=None,
+                   help="sd, beam mode: drafted nodes per level N >= K (default 2K: with γ 3, the fastest strict "
+                        "setting measured at K = 10 and 20 on a 2-core CPU)")
+    p.add_argument("--gamma", type=int, default=None, help="sd, beam mode: drafted levels per round (default 3)")
     _rank_args(p, "beam")
     p.set_defaults(func=cmd_recommend)
 
@@ -700,6 +803,7 @@ def _add_zoo(sub) -> None:
     q.add_argument("--check-users", type=int, default=1000,
                    help="test users whose beam-20 / list-10 lists must be unchanged in 16 bits (0: all)")
     q.add_argument("--description", default="")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     q.add_argument("--made-by", action="append", default=[], help="a command that made the run (repeatable)")
     q.add_argument("--baselines-file", default="benchmarks/results/baselines.json",
                    help="committed baseline results, shown where none are trained under runs/baselines")

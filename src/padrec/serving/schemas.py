@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 Mode = Literal["list", "beam"]
 Decoder = Literal["ar", "sd"]
+Verify = Literal["strict", "relaxed"]
 
 
 class RecommendRequest(BaseModel):
@@ -24,6 +25,13 @@ class RecommendRequest(BaseModel):
     mode: Mode = "list"
     decoder: Decoder = "ar"
     draft: str | None = Field(None, description="draft for decoder=sd (default: eagle if trained, else the first)")
+    verify: Verify | None = Field(None, description="mode=beam, decoder=sd: strict (default; the same items, order "
+                                                    "and scores as plain beam search) or relaxed (AtSpeed-R: "
+                                                    "sampled, not lossless)")
+    draft_beams: StrictInt | None = Field(None, ge=1, description="mode=beam, decoder=sd: drafted nodes per level "
+                                                                  "(>= k; default 2k)")
+    gamma: StrictInt | None = Field(None, ge=1, le=16, description="mode=beam, decoder=sd: drafted levels per "
+                                                                   "round (default 3)")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy; > 0: sampling (list mode)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (temperature > 0); random if absent")
     exclude_history: bool = False
@@ -44,7 +52,10 @@ class RecommendResponse(BaseModel):
     k: int
     temperature: float
     seed: int | None = None  # the seed a sampled list was drawn with (send it back to reproduce the list)
-    tau: float | None = None  # decoder=sd: tokens committed per target forward
+    tau: float | None = None  # decoder=sd: tokens (list) or item levels (beam) committed per target forward
+    verify: Verify | None = None  # mode=beam, decoder=sd
+    lossless: bool | None = None  # decoder=sd: False only for relaxed verification (not plain beam search's answer)
+    fallback: bool | None = None  # mode=beam, decoder=sd, strict: handed to plain beam search (a float near-tie)
     batch_size: int = 1  # requests decoded together in the model call that produced this answer
     latency_ms: float
 

@@ -22,6 +22,7 @@ from padrec.evaluation.evaluate import RankConfig
 from padrec.drafts.registry import list_drafts
 from padrec.serving.batching import Job, ModelWorker, ShuttingDown
 from padrec.serving.schemas import InfoResponse, RecommendedItem, RecommendRequest, RecommendResponse, TargetInfo
+from padrec.speculative.beam import BeamSpecConfig
 
 MODES = ["list", "beam"]
 DECODERS = ["ar", "sd"]
@@ -71,6 +72,7 @@ class Prepared:
     temperature: float
     seed: int | None
     exclude_history: bool
+    beam_spec: BeamSpecConfig | None = None  # mode=beam, decoder=sd
 
     @property
     def batch_key(self):
@@ -86,6 +88,8 @@ class Outcome:
     items: list[int]
     scores: list[float] | None = None
     tau: float | None = None
+    fallback: bool | None = None
+    lossless: bool | None = None
 
 
 class RecommendService:
@@ -155,11 +159,22 @@ class RecommendService:
             if req.k > left:
                 raise RequestError(422, f"k={req.k} but only {left} items remain after excluding the history's "
                                         f"{self.num_items - left} distinct items")
+        draft = self._check_draft(req)
+        spec = self._beam_spec(req)
+        if req.temperature > 0 and req.mode == "beam":
+            raise RequestError(422, "temperature applies to list mode; beam search is deterministic "
+                                    "(use temperature=0 or mode='list')")
+        seed = req.seed
+        if req.temperature > 0 or req.verify == "relaxed":
+            seed = random.SystemRandom().randrange(2**63) if seed is None else seed
+        elif seed is not None:
+            raise RequestError(422, "seed only applies to sampling (temperature > 0, or verify='relaxed')")
+        return Prepared(tuple(history), tuple(self.run.prompt(history)), req.mode, req.decoder, draft, req.k,
+                        req.temperature, seed, req.exclude_history, spec)
+
+    def _check_draft(self, req: RecommendRequest) -> str | None:
         draft = None
         if req.decoder == "sd":
-            if req.mode != "list":
-                raise RequestError(422, "decoder 'sd' works in list mode only (speculative beam search is benchmarked, not served): "
-                                        "use mode='list' or decoder='ar'")
             draft = req.draft or self.default_draft
             if draft is None:
                 raise RequestError(404, f"decoder 'sd' needs a trained draft and run {self.run.path} has none; "
@@ -168,16 +183,20 @@ class RecommendService:
                 raise RequestError(404, f"unknown draft {draft!r}: this run has {', '.join(self.drafts)}")
         elif req.draft is not None:
             raise RequestError(422, "draft is only used with decoder='sd'")
-        if req.temperature > 0 and req.mode == "beam":
-            raise RequestError(422, "temperature applies to list mode; beam search is deterministic "
-                                    "(use temperature=0 or mode='list')")
-        seed = req.seed
-        if req.temperature > 0:
-            seed = random.SystemRandom().randrange(2**63) if seed is None else seed
-        elif seed is not None:
-            raise RequestError(422, "seed only applies to sampling (temperature > 0)")
-        return Prepared(tuple(history), tuple(self.run.prompt(history)), req.mode, req.decoder, draft, req.k,
-                        req.temperature, seed, req.exclude_history)
+        return draft
+
+    @staticmethod
+    def _beam_spec(req: RecommendRequest) -> BeamSpecConfig | None:
+        given = [f for f in ("verify", "draft_beams", "gamma") if getattr(req, f) is not None]
+        if not (req.mode == "beam" and req.decoder == "sd"):
+            if given:
+                raise RequestError(422, f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to speculative "
+                                        "beam search only (mode='beam', decoder='sd')")
+            return None
+        try:
+            return BeamSpecConfig.for_beam_width(req.k, req.draft_beams, req.gamma, req.verify or "strict")
+        except PadrecError as e:
+            raise RequestError(422, str(e)) from None
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         t0 = time.perf_counter()
@@ -191,7 +210,9 @@ class RecommendService:
             for r, i in enumerate(out.items[: p.k])
         ]
         return RecommendResponse(items=ranked, mode=p.mode, decoder=p.decoder, draft=p.draft, k=p.k,
-                                 temperature=p.temperature, seed=p.seed, tau=out.tau, batch_size=batch,
+                                 temperature=p.temperature, seed=p.seed, tau=out.tau,
+                                 verify=p.beam_spec.verify if p.beam_spec else None, lossless=out.lossless,
+                                 fallback=out.fallback, batch_size=batch,
                                  latency_ms=1000 * (time.perf_counter() - t0))
 
     # ------------------------------------------------------------------------------------------------------
@@ -215,8 +236,12 @@ class RecommendService:
         cfg = self._rank_config(p)
         if p.decoder == "sd":
             self._draft(p.draft)  # load failures become a 503 here; the Recommender keeps the loaded draft
+            if p.mode == "beam":
+                items, scores, stats = self.rec.recommend_speculative_beam(list(p.history), cfg, p.draft,
+                                                                           p.beam_spec, generator=gen)
+                return Outcome(items, scores, stats["tau"], stats["fallback"], stats["lossless"])
             items, tau = self.rec.recommend_speculative(list(p.history), cfg, p.draft, generator=gen)
-            return Outcome(items, tau=tau)
+            return Outcome(items, tau=tau, lossless=True)
         items, scores = self.rec.recommend_dense(list(p.history), cfg, generator=gen)
         return Outcome(items, scores)
 
