@@ -137,7 +137,7 @@ def main() -> None:
             continue
         drafts = {f"st-{n}": load_draft(run, f"st-{n}") for n in names}
         cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=TreeConfig.parse_list(a.chain, a.tree), naive_ar=False,
-                          hf_generate=False)
+                          hf_generate=False, hf_assisted=False, prompt_lookup=0)
         res = run_bench(run, drafts, cfg)
         res.update(dataset=run.info.dataset, layout=run.sids.vocab.layout, levels=run.sids.vocab.levels,
                    target=json.loads((run.target_dir / "padrec.json").read_text()).get("preset"),

@@ -64,7 +64,7 @@ def main() -> None:
                                                   threads=a.threads))
             drafts[kind] = load_draft(run, kind)
         cfg = BenchConfig(users=a.users, warmup=a.warmup, trees=TreeConfig.parse_list(a.chain, a.tree), naive_ar=not a.no_naive,
-                          hf_generate=not a.no_hf)
+                          hf_generate=not a.no_hf, hf_assisted=not a.no_hf, prompt_lookup=0 if a.no_hf else 10)
         res = run_bench(run, drafts, cfg)
         res["target"] = json.loads((run.target_dir / "padrec.json").read_text()).get("preset")
         res["dataset"] = run.info.dataset

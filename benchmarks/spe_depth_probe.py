@@ -72,7 +72,7 @@ def main() -> None:
     trained = pad.model.position.cfg.trained_depths
     drafts = {a.base: load_draft(run, a.base)}
     drafts.update({f"{a.draft}:{rule}": with_rule(pad, rule) for rule in RULES})
-    cfg = BenchConfig(users=a.users, warmup=2, naive_ar=False, hf_generate=False,
+    cfg = BenchConfig(users=a.users, warmup=2, naive_ar=False, hf_generate=False, hf_assisted=False, prompt_lookup=0,
                       trees=[TreeConfig.chain(g) for g in chains])
     res = run_bench(run, drafts, cfg)
     res.update(run=str(run.path), dataset=run.info.dataset, trained_depths=trained)

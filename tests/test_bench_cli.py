@@ -18,6 +18,9 @@ def test_train_drafts_and_bench(synth_env, trained_run, tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = {(r["decoder"], r["draft"]): r for r in result["rows"]}
     assert ("ar", "-") in rows and ("ar-naive", "-") in rows and ("hf-generate", "-") in rows
+    # Hugging Face's own speculative decoders, under the same constraint (stateless: they roll input ids back)
+    assert ("hf-assisted", "lm") in rows and ("hf-prompt-lookup10", "-") in rows
+    assert ("hf-assisted", "eagle") not in rows  # a feature-level draft is no HF assistant model
     assert ("sd tree3x2/6cal", "eagle") in rows and ("sd tree3x2/6cal", "lm") in rows
     sd = [r for r in result["rows"] if r["decoder"].startswith("sd")]
     assert len(sd) == 6

@@ -450,7 +450,8 @@ def cmd_bench(a) -> None:
     if a.mode == "beam":
         return _bench_beam(a, run, drafts)
     cfg = BenchConfig(users=a.users, warmup=a.warmup, n_items=a.n_items, trees=_tree_configs(a),
-                      naive_ar=not a.no_naive, hf_generate=not a.no_hf, device=a.device)
+                      naive_ar=not a.no_naive, hf_generate=not a.no_hf, hf_assisted=not a.no_hf,
+                      prompt_lookup=0 if a.no_hf else a.prompt_lookup, device=a.device)
     _ensure_acceptance(run, drafts, cfg.trees, a.device)
     result = run_bench(run, drafts, cfg)
     result.update(run=str(run.path), dataset=run.info.dataset, machine=machine_description(),
@@ -756,7 +757,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--tree", default="5,4,24",
                    help="DEPTH,TOPK,TOTAL[,cal]; several separated by ';' (cal: scored by calibrated acceptance)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive AR decoder (a call per token)")
-    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the Hugging Face rows (generate, assisted generation, prompt lookup)")
+    p.add_argument("--prompt-lookup", type=int, default=10,
+                   help="tokens HF prompt-lookup decoding copies per round (0: no such row)")
     p.add_argument("--out", default=None, help="JSON path (default DIR/results/bench.json)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (target and drafts)")

@@ -7,7 +7,9 @@ of AR time / SD time, with the ratio of medians beside it, and τ (committed tok
 Rows: `ar` is our best autoregressive decoder (the reference every speedup is measured against: KV cache, no call
 for forced tokens, the target on the fused path when it is a Llama); `ar-hf` the same decoder with the target run
 by Hugging Face modules; `ar-naive` a Hugging Face call for every token; `hf-generate` Hugging Face `generate` with
-the same constraint.
+the same constraint; the peers a user would try first for speed, Hugging Face's own speculative decoders under the
+same constraint: `hf-assisted` (assisted generation, each independent-LM draft as `assistant_model`) and
+`hf-prompt-lookupN` (prompt-lookup decoding, N tokens copied from the prompt per round).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class BenchConfig:
     trees: list[TreeConfig] = field(default_factory=lambda: [TreeConfig.chain(4), TreeConfig()])
     naive_ar: bool = True  # also time the reference AR decoder (a model call for every token, forced or not)
     hf_generate: bool = True  # also time HF `generate` with the same constraint
+    # peers a user would try first: HF assisted generation with each independent-LM draft as the assistant, and
+    # HF prompt-lookup decoding with this many tokens looked up (0: off); both greedy, with the same constraint
+    hf_assisted: bool = True
+    prompt_lookup: int = 10
     device: str = "cpu"  # where the target runs (drafts are placed by the caller)
 
 
@@ -74,6 +80,41 @@ def hf_generate_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationCo
                          attention_mask=torch.ones(1, n_prompt, dtype=torch.long, device=dev),
                          max_new_tokens=total, min_new_tokens=total, do_sample=False, num_beams=1,
                          prefix_allowed_tokens_fn=allowed, pad_token_id=0, eos_token_id=None)
+    return out[0, n_prompt:].tolist()
+
+
+def stateless_allowed_fn(trie: ItemTrie, prompt: list[int], cfg: GenerationConfig, history=None):
+    """`prefix_allowed_tokens_fn` that replays the constraint from the prompt on every call: assisted and
+    prompt-lookup decoding roll rejected candidates back out of `input_ids`, so no state may carry over."""
+    n_prompt = len(prompt)
+    total = cfg.n_items * (trie.levels + 1)
+
+    def allowed(_batch_id, input_ids):
+        gen = input_ids[n_prompt:].tolist()
+        if len(gen) >= total:
+            return [0]
+        cons = make_constraint(trie, prompt, cfg, history)
+        for tok in gen:
+            cons.advance(tok)
+        return list(cons.allowed())
+
+    return allowed
+
+
+def hf_speculative_list(model, prompt: list[int], trie: ItemTrie, cfg: GenerationConfig, assistant=None,
+                        prompt_lookup: int = 0) -> list[int]:
+    """Greedy constrained generation through Hugging Face's own speculative decoders: assisted generation with
+    `assistant` (a causal LM over the same vocabulary) or prompt-lookup decoding (n-gram candidates copied from
+    the prompt). Greedy, so the tokens must equal `hf_generate_list`'s."""
+    n_prompt = len(prompt)
+    total = cfg.n_items * (trie.levels + 1)
+    dev = model.device
+    extra = {"assistant_model": assistant} if assistant is not None else {"prompt_lookup_num_tokens": prompt_lookup}
+    out = model.generate(torch.tensor([prompt], device=dev),
+                         attention_mask=torch.ones(1, n_prompt, dtype=torch.long, device=dev),
+                         max_new_tokens=total, min_new_tokens=total, do_sample=False, num_beams=1,
+                         prefix_allowed_tokens_fn=stateless_allowed_fn(trie, prompt, cfg), pad_token_id=0,
+                         eos_token_id=None, **extra)
     return out[0, n_prompt:].tolist()
 
 
@@ -109,6 +150,14 @@ def run_bench(run: Run, drafts: dict, cfg: BenchConfig, progress: bool = True) -
         decoders.append(("ar-naive", "-", lambda p: generate_list_reference(model, p, trie, gen_cfg)))
     if cfg.hf_generate:
         decoders.append(("hf-generate", "-", lambda p: hf_generate_list(model, p, trie, gen_cfg)))
+    if cfg.prompt_lookup:
+        decoders.append((f"hf-prompt-lookup{cfg.prompt_lookup}", "-",
+                         lambda p: hf_speculative_list(model, p, trie, gen_cfg, prompt_lookup=cfg.prompt_lookup)))
+    if cfg.hf_assisted:
+        for dname, draft in drafts.items():
+            if not draft.uses_target_features and hasattr(draft.model, "generate"):
+                decoders.append(("hf-assisted", dname,
+                                 lambda p, m=draft.model: hf_speculative_list(model, p, trie, gen_cfg, assistant=m)))
     for dname, draft in drafts.items():
         for tree in cfg.trees:
             spec = SpecConfig(tree=tree)
