@@ -551,6 +551,11 @@ def _zoo_row(name: str) -> dict:
 
     path = zoo.model_dir(name)
     m = zoo.read_manifest(path)
+    try:
+        zoo.verify(path, m)
+        files = "ok"
+    except PadrecError as e:
+        files = f"BAD: {e}"
     test = {r["label"]: r for r in m.get("test", [])}
     beam, sas = test.get("target beam20", {}), test.get("SASRec", {})
     speed = m.get("speed", {})
@@ -558,7 +563,7 @@ def _zoo_row(name: str) -> dict:
             "MB": round(zoo.size_bytes(path, m) / 2**20, 1), "drafts": ", ".join(m.get("drafts", {})),
             "R@10 beam20": beam.get("recall@10"), "N@10 beam20": beam.get("ndcg@10"),
             "R@10 list10": test.get("target list10", {}).get("recall@10"), "R@10 SASRec": sas.get("recall@10"),
-            "SD speedup": speed.get("speedup"), "best SD": speed.get("decoder")}
+            "SD speedup": speed.get("speedup"), "best SD": speed.get("decoder"), "files": files}
 
 
 def _import_args(q) -> None:
