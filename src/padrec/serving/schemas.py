@@ -29,7 +29,7 @@ class RecommendRequest(BaseModel):
                                                     "and scores as plain beam search) or relaxed (AtSpeed-R: "
                                                     "sampled, not lossless)")
     draft_beams: StrictInt | None = Field(None, ge=1, description="mode=beam, decoder=sd: drafted nodes per level "
-                                                                  "(>= k; default 2k)")
+                                                                  "(>= k; default max(2k, 40))")
     gamma: StrictInt | None = Field(None, ge=1, le=16, description="mode=beam, decoder=sd: drafted levels per "
                                                                    "round (default 3)")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy; > 0: sampling (list mode)")

@@ -69,9 +69,10 @@ class BeamSpecConfig:
     @classmethod
     def for_beam_width(cls, k: int, draft_beams: int | None = None, gamma: int | None = None,
                        verify: str = "strict") -> "BeamSpecConfig":
-        """The settings to serve top-`k` with: N = 2K drafted nodes per level and γ = 3 levels per round were the
-        fastest strict ones at K = 10 and 20 on this project's 2-core CPU (README, "Speculative beam search")."""
-        return cls(beam_size=k, draft_beams=2 * k if draft_beams is None else draft_beams,
+        """The settings to serve top-`k` with: N = max(2K, 40) drafted nodes per level and γ = 3 levels per round
+        were the fastest strict ones at K = 10 and 20 on zoo:beauty on this project's 2-core CPU (README,
+        "Speculative beam search"; benchmarks/results/zoo_beauty_beam.json)."""
+        return cls(beam_size=k, draft_beams=max(2 * k, 40) if draft_beams is None else draft_beams,
                    gamma=DEFAULT_GAMMA if gamma is None else gamma, verify=verify)
 
     def __post_init__(self):
