@@ -159,7 +159,7 @@ def _model_table(run: Run, m: dict):
 
 
 def _quality_table(rows: list[dict], title: str):
-    return table([{"model": r["label"], **{col: r.get(key) for col, key in QUALITY_COLUMNS}} for r in rows],
+    return table([{"model": r["label"], **{col: r.get(key, "") for col, key in QUALITY_COLUMNS}} for r in rows],
                  title=title)
 
 
