@@ -11,6 +11,7 @@ import csv
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,22 @@ def synth_env(synth_data, monkeypatch) -> SynthData:
     return synth_data
 
 
+@contextmanager
+def _synth_env(synth_data: SynthData):
+    """The synthetic data root and cache while a session fixture builds, and the suite's thread count after."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in synth_data.env().items():
+            mp.setenv(k, v)
+        yield
+    pin_threads()
+
+
+def _copy_run(src: Path, tmp_path_factory, name: str) -> Path:
+    run = tmp_path_factory.mktemp("runs") / name
+    shutil.copytree(src, run)
+    return run
+
+
 @pytest.fixture(scope="session")
 def tokenized_run(synth_data, tmp_path_factory) -> Path:
     """A run directory with semantic IDs (levels 2 x codebook 8) but no target, made through the CLI.
@@ -104,9 +121,7 @@ def tokenized_run(synth_data, tmp_path_factory) -> Path:
     from padrec.cli import main
 
     run = tmp_path_factory.mktemp("runs") / "tokenized"
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in synth_data.env().items():
-            mp.setenv(k, v)
+    with _synth_env(synth_data):
         rc = main(["tokenize", "--dataset", SYNTH, "--run", str(run), "--levels", "2", "--codebook-size", "8"])
     assert rc == 0
     return run
@@ -117,14 +132,23 @@ def trained_run(synth_data, tokenized_run, tmp_path_factory) -> Path:
     """The tokenized run plus a tiny target trained for 2 epochs through the CLI (read-only for tests)."""
     from padrec.cli import main
 
-    run = tmp_path_factory.mktemp("runs") / "trained"
-    shutil.copytree(tokenized_run, run)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in synth_data.env().items():
-            mp.setenv(k, v)
+    run = _copy_run(tokenized_run, tmp_path_factory, "trained")
+    with _synth_env(synth_data):
         rc = main(["train-target", "--run", str(run), "--preset", "tiny", "--epochs", "2", "--threads", "1"])
-    pin_threads()
     assert rc == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def eagle_run(synth_data, trained_run, tmp_path_factory) -> Path:
+    """The tiny trained run plus an EAGLE draft trained for one short epoch (read-only for tests)."""
+    from padrec.drafts.train import DraftTrainConfig, train_draft
+    from padrec.run import Run
+
+    run = _copy_run(trained_run, tmp_path_factory, "eagle")
+    with _synth_env(synth_data):
+        train_draft(Run(run), DraftTrainConfig(kind="eagle", epochs=1, batch_size=32, warmup_steps=2,
+                                               max_valid_cases=20, threads=1), progress=False)
     return run
 
 

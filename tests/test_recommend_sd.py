@@ -5,22 +5,15 @@ combinations that mean nothing exit with 2 and a message."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from padrec.cli import main
 
 
-@pytest.fixture(scope="module")
-def sd_run(synth_data, trained_run, tmp_path_factory):
-    run = tmp_path_factory.mktemp("rec_sd") / "run"
-    shutil.copytree(trained_run, run)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in synth_data.env().items():
-            mp.setenv(k, v)
-        assert main(["train-draft", "--run", str(run), "--kind", "eagle", "--epochs", "1"]) == 0
-    return run
+@pytest.fixture
+def sd_run(eagle_run):
+    return eagle_run
 
 
 def _rows(path):

@@ -5,7 +5,6 @@ groups what queued up, and (when Ray is installed) the same app runs as 2 Ray Se
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 import time
@@ -16,7 +15,6 @@ import httpx
 import pytest
 import uvicorn
 
-from helpers import pin_threads
 from padrec import PadrecError
 from padrec.serving import RecommendService, ServeSettings, create_app
 from padrec.serving.batching import Job, ModelWorker
@@ -48,20 +46,8 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def draft_run(synth_data, trained_run, tmp_path_factory):
-    """The tiny trained run plus an EAGLE draft trained for one short epoch."""
-    from padrec.drafts.train import DraftTrainConfig, train_draft
-    from padrec.run import Run
-
-    run = tmp_path_factory.mktemp("serve") / "run"
-    shutil.copytree(trained_run, run)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in synth_data.env().items():
-            mp.setenv(k, v)
-        train_draft(Run(run), DraftTrainConfig(kind="eagle", epochs=1, batch_size=32, warmup_steps=2,
-                                               max_valid_cases=20, threads=1), progress=False)
-    pin_threads()
-    return run
+def draft_run(eagle_run):
+    return eagle_run
 
 
 @pytest.fixture(scope="module")

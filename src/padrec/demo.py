@@ -91,12 +91,7 @@ def run_demo(out: Path, dataset: str = "beauty", preset: str = "small", time_bud
     if not any(r["label"] == "SASRec" for r in result["baselines"]):
         console.print(f"(no SASRec row: `padrec baseline sasrec --dataset {dataset}` trains one, ~8 minutes on Beauty "
                       "here, and every later evaluation shows it)")
-    console.print(table(display_rows(bench["rows"]),
-                        title=f"batch-1 latency, {bench['users']} test users, {bench['n_items']} items "
-                              f"(speedup = AR time / decoder time, median over users)"))
-    best = max(speculative_rows(bench["rows"]), key=lambda r: r["speedup"])
-    console.print(f"fastest speculative configuration in this run: {best['decoder']} with {best['draft']}, "
-                  f"{best['speedup']:.2f}× at τ {best['tau']:.2f}.")
+    _print_bench(bench)
     console.print("ar: our decoder (fused target path), the baseline of every speedup; ar-hf: the same decoder with "
                   "the target run by Hugging Face modules. On this small target a CPU verification of 5-7 tokens "
                   "costs about 1.5 decoding steps and a draft step a third of one, so speculative decoding gains "
@@ -175,13 +170,17 @@ def _zoo_bench(run: Run, m: dict, users: int) -> dict:
                                               hf_assisted=False, prompt_lookup=0))
 
 
-def _print_speed(bench: dict, recorded: dict | None) -> None:
+def _print_bench(bench: dict) -> None:
     console.print(table(display_rows(bench["rows"]),
                         title=f"batch-1 latency, {bench['users']} test users, {bench['n_items']} items "
                               f"(speedup = AR time / decoder time, median over users)"))
     best = max(speculative_rows(bench["rows"]), key=lambda r: r["speedup"])
-    console.print(f"fastest speculative configuration now: {best['decoder']} with {best['draft']}, "
+    console.print(f"fastest speculative configuration in this run: {best['decoder']} with {best['draft']}, "
                   f"{best['speedup']:.2f}× at τ {best['tau']:.2f}, lists identical to AR's: {best['identical_to_ar']}.")
+
+
+def _print_speed(bench: dict, recorded: dict | None) -> None:
+    _print_bench(bench)
     if recorded:
         console.print(f"recorded in the manifest ({recorded['users']} users, {recorded['threads']} threads): "
                       f"{recorded['decoder']} with {recorded['draft']}, {recorded['speedup']:.2f}× at τ "
