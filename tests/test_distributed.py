@@ -173,10 +173,10 @@ def test_sharded_evaluation_and_recommend_equal_one_process(two_runs, synth_env)
 
 
 def test_every_rank_leaves_cleanly_run_after_run(two_runs, synth_env):
-    """The exit path, repeated: a torchrun recommend once aborted rank 1 after its output was written (`terminate
-    called without an active exception`, exit -6), before `distributed.cleanup` made the ranks meet at a barrier
-    before destroying the gloo group. Not reproduced since (0 of 30 runs here, 20 of them without the barrier and
-    with the other core loaded); each run of this test adds 3 more checks of the teardown."""
+    """The exit path, repeated: a torchrun recommend aborted rank 1 after its output was written (`terminate
+    called without an active exception`, exit -6), about once in 30 runs, with the barrier before the group's
+    destruction too (this test caught it on a fresh clone); ranks now end without the interpreter's teardown
+    (cli._exit_now). Each run of this test checks the exit path 3 more times."""
     multi, _, _ = two_runs
     for i in range(3):
         out = multi / f"exit{i}.jsonl"

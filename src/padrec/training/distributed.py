@@ -130,8 +130,8 @@ def shard(items: Sequence, rank_: int | None = None, world: int | None = None) -
 
 
 def cleanup() -> None:
-    """Leave the process group together: a rank that tore down its gloo group while a peer was still finishing
-    its last collective aborted once at exit (`terminate called without an active exception`)."""
+    """Leave the process group together, so no rank tears down its gloo group while a peer is still finishing its
+    last collective (the CLI then ends the rank without the interpreter's teardown: cli._exit_now)."""
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()
