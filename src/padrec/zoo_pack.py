@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,11 +23,10 @@ from padrec import PadrecError
 from padrec.decoding.trie import ItemTrie
 from padrec.drafts.acceptance import ACCEPTANCE_FILE
 from padrec.drafts.registry import (
-    WEIGHTS,
     draft_dir,
     list_drafts,
     load_draft,
-    read_draft_meta,
+    load_draft_model,
     save_draft_dir,
     target_identity,
 )
@@ -54,7 +53,6 @@ class PackConfig:
     description: str = ""
     commands: tuple[str, ...] = ()  # how the run was made, for the manifest
     baselines_file: str | None = None  # committed baseline results, used where none are trained locally
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -101,12 +99,9 @@ def _store_target(run: Run, stage: Path, cfg: PackConfig) -> dict:
 
 def _store_draft(run: Run, staged: Run, name: str, dtype: torch.dtype) -> dict:
     """The draft in 16 bits, tied to the staged target; its acceptance table refitted if it had one."""
-    from safetensors.torch import load_file
-
     src = draft_dir(run, name)
-    meta = read_draft_meta(src)
-    load_draft(run, name, acceptance=False)  # verifies it belongs to this run's target
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(src / WEIGHTS)).items()}
+    model, meta = load_draft_model(run, name)  # verified, and checked against this run's target
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     meta = {k: v for k, v in meta.items() if k != "files"}
     meta["identity"] = {**meta.get("identity", {}), **target_identity(staged)}
     save_draft_dir(draft_dir(staged, name), state, meta)
