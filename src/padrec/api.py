@@ -16,7 +16,7 @@ from padrec import PadrecError
 from padrec.decoding.autoregressive import generate_list
 from padrec.decoding.beam import beam_search_items
 from padrec.decoding.trie import ItemTrie
-from padrec.drafts.registry import load_draft
+from padrec.drafts.registry import default_draft, load_draft
 from padrec.evaluation.evaluate import RankConfig
 from padrec.run import Run
 from padrec.speculative.beam import BeamSpecConfig, speculative_beam_search
@@ -49,11 +49,14 @@ class Recommender:
             raise PadrecError(f"unknown item id(s) for dataset {self.run.info.dataset!r}: {shown}")
         return out
 
+    def _check_length(self, cfg: RankConfig) -> None:
+        if cfg.list_length > self.trie.num_items:
+            raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
+
     def recommend_dense(self, history: list[int], cfg: RankConfig,
                         generator: torch.Generator | None = None) -> tuple[list[int], list[float] | None]:
         """Beam mode: items and scores; list mode: items (sampled from `generator` when `cfg.do_sample`)."""
-        if cfg.list_length > self.trie.num_items:
-            raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
+        self._check_length(cfg)
         prompt = self.run.prompt(history)
         with torch.inference_mode():
             if cfg.mode == "beam":
@@ -90,8 +93,7 @@ class Recommender:
         spec = spec or BeamSpecConfig.for_beam_width(cfg.beam_size)
         if spec.beam_size != cfg.beam_size:
             raise PadrecError(f"the speculative beam width {spec.beam_size} differs from the request's {cfg.beam_size}")
-        if cfg.list_length > self.trie.num_items:
-            raise PadrecError(f"k={cfg.list_length} is larger than the catalogue ({self.trie.num_items} items)")
+        self._check_length(cfg)
         loaded = self.draft(draft)
         prompt = self.run.prompt(history)
         with torch.inference_mode():
@@ -101,17 +103,21 @@ class Recommender:
                  "lossless": spec.verify == "strict"}
         return res.items, res.scores, stats
 
-    def recommend(self, raw_history, k: int = 10, mode: str = "beam", decoder: str = "ar", draft: str = "eagle",
+    def recommend(self, raw_history, k: int = 10, mode: str = "beam", decoder: str = "ar", draft: str | None = None,
                   spec=None, **kw) -> list[dict]:
         """Top-`k` items for a history of the dataset's own ids, with titles (and scores in beam mode).
-        decoder="sd": the same answer through speculative decoding with `draft` (`spec`: a `SpecConfig` in list
-        mode, a `BeamSpecConfig` in beam mode; default: the measured fastest strict settings)."""
+        decoder="sd": the same answer through speculative decoding with `draft` (default: eagle if the run has it,
+        else its first; `spec`: a `SpecConfig` in list mode, a `BeamSpecConfig` in beam mode; default: the measured
+        fastest strict settings)."""
         if k < 1:
             raise PadrecError(f"k must be >= 1, got {k}")
         if decoder not in ("ar", "sd"):
             raise PadrecError(f"decoder must be 'ar' or 'sd', got {decoder!r}")
         cfg = RankConfig(mode=mode, beam_size=max(k, kw.pop("beam_size", k)), n_items=k, **kw)
         history = self.to_dense(raw_history)
+        draft = draft or default_draft(self.run)
+        if decoder == "sd" and draft is None:
+            raise PadrecError(f"decoder 'sd' needs a trained draft and run {self.run.path} has none")
         if decoder == "ar":
             items, scores = self.recommend_dense(history, cfg)
         elif mode == "beam":

@@ -233,15 +233,13 @@ def cmd_recommend(a) -> None:
 
 
 def _default_draft(run, name: str | None) -> str:
-    from padrec.drafts.registry import list_drafts
+    from padrec.drafts.registry import default_draft
 
-    if name:
-        return name
-    drafts = list_drafts(run)
-    if not drafts:
+    name = name or default_draft(run)
+    if name is None:
         raise PadrecError(f"--decoder sd needs a trained draft and run {run.path} has none; "
                           f"train one with `padrec train-draft --run {run.path}`")
-    return "eagle" if "eagle" in drafts else drafts[0]
+    return name
 
 
 def _recommend_spec(a, cfg):

@@ -51,6 +51,12 @@ def list_drafts(run) -> list[str]:
     return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (p / META).is_file())
 
 
+def default_draft(run) -> str | None:
+    """The draft used when none is named: `eagle` if the run has it, else its first, else None."""
+    drafts = list_drafts(run)
+    return "eagle" if "eagle" in drafts else (drafts[0] if drafts else None)
+
+
 def target_identity(run) -> dict:
     """What a draft must have been trained for to be used with this run's current target."""
     if not run.target_dir.exists():

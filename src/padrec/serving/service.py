@@ -19,7 +19,7 @@ from padrec import PadrecError
 from padrec.decoding.autoregressive import generate_list_batch
 from padrec.decoding.beam import beam_search_items_batch
 from padrec.evaluation.evaluate import RankConfig
-from padrec.drafts.registry import list_drafts
+from padrec.drafts.registry import default_draft, list_drafts
 from padrec.serving.batching import Job, ModelWorker, ShuttingDown
 from padrec.serving.schemas import InfoResponse, RecommendedItem, RecommendRequest, RecommendResponse, TargetInfo
 from padrec.speculative.beam import BeamSpecConfig
@@ -101,7 +101,7 @@ class RecommendService:
         self.num_items = recommender.trie.num_items
         self.k_limit = min(self.num_items, self.settings.max_k)
         self.drafts = list_drafts(self.run)
-        self.default_draft = "eagle" if "eagle" in self.drafts else (self.drafts[0] if self.drafts else None)
+        self.default_draft = default_draft(self.run)
         self._info = self._build_info()
         recommender.to_dense([self.items[0].raw_id])  # builds the id map now, not inside the first request
         self._worker: ModelWorker | None = None
