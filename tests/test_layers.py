@@ -16,6 +16,7 @@ LAYERS = [
     ["padrec.data"],
     ["padrec.tokenizer"],
     ["padrec.models"],
+    ["padrec.byo"],  # an imported checkpoint (its vocabulary renamed, its prompts); `Run` holds one
     ["padrec.decoding", "padrec.run"],
     ["padrec.training"],
     ["padrec.drafts"],

@@ -137,6 +137,40 @@ def cmd_tokenize(a) -> None:
     console.print(f"run directory: {run.path}")
 
 
+def cmd_import_model(a) -> None:
+    from padrec.run import Run
+    from padrec.ui import console, table
+
+    run = Run.create_imported(Path(a.run), a.manifest, a.dataset)
+    rep = run.info.extra["imported"]["report"]
+    console.print(table([{"check": k, "value": v} for k, v in rep.items()], title=f"imported {a.manifest}"))
+    console.print(f"run directory: {run.path} (its target is your checkpoint, read in place; every padrec command "
+                  "takes --run)")
+
+
+def cmd_parity(a) -> None:
+    import torch
+
+    from padrec.evaluation.parity import parity_report
+    from padrec.files import atomic_write_text
+    from padrec.run import Run
+    from padrec.ui import console, table
+
+    torch.set_num_threads(a.threads) if a.threads else None
+    run = Run(a.run)
+    rep = parity_report(run, a.users, a.beam_k)
+    rows = [{"user": r["user"], "same": r["same"], "cause": r["cause"], "padrec": r["padrec"][:5], "hf": r["hf"][:5]}
+            for r in rep["rows"] if not r["same"]][: a.show]
+    if rows:
+        console.print(table(rows, title="users whose lists differ (first 5 items)"))
+    console.print(f"padrec beam search vs Hugging Face generate(num_beams={a.beam_k}) on {rep['users']} test users "
+                  f"({rep['dtype']}): {rep['identical']} identical lists, mean overlap {rep['mean_overlap']:.3f}; "
+                  f"causes {rep['causes']}")
+    out = Path(a.out) if a.out else run.results_dir / f"parity_k{a.beam_k}.json"
+    atomic_write_text(out, json.dumps({"command": a.command_line, **rep}, indent=2))
+    console.print(f"report: {out}")
+
+
 def cmd_train_target(a) -> None:
     from padrec.pipeline import plot_training_curve
     from padrec.run import Run
@@ -621,6 +655,28 @@ def _add_tokenize(sub) -> None:
     p.set_defaults(func=cmd_tokenize)
 
 
+def _add_import_model(sub) -> None:
+    p = sub.add_parser("import-model", help="your trained LC-Rec / MiniOneRec-style checkpoint as a run's target, "
+                       "as it is (docs/BRING_YOUR_OWN_MODEL.md)")
+    p.add_argument("--manifest", required=True, help="JSON: model_dir, item_index, prompt or chat, item_end, ...")
+    p.add_argument("--dataset", required=True, help="the padrec dataset of its users and items (padrec data import)")
+    p.add_argument("--run", required=True, help="run directory to create")
+    p.set_defaults(func=cmd_import_model)
+
+
+def _add_parity(sub) -> None:
+    p = sub.add_parser("parity", help="an imported model: padrec's constrained beam search vs your own Hugging Face "
+                       "generate(num_beams=K, prefix_allowed_tokens_fn=...), user by user, with the cause of each "
+                       "difference")
+    p.add_argument("--run", required=True)
+    p.add_argument("--users", type=int, default=50, help="the first N test users")
+    p.add_argument("--beam-k", type=int, default=10)
+    p.add_argument("--show", type=int, default=10, help="differing users to print")
+    p.add_argument("--out", default=None, help="report JSON (default: RUN/results/parity_kK.json)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_parity)
+
+
 def _add_train_target(sub) -> None:
     p = sub.add_parser("train-target", help="train (or resume) the run's target LM")
     p.add_argument("--run", required=True)
@@ -844,6 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data(sub)
     _add_tokenize(sub)
+    _add_import_model(sub)
     _add_train_target(sub)
     _add_evaluate(sub)
     _add_baseline(sub)
@@ -852,6 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_list_agreement(sub)
     _add_bench(sub)
+    _add_parity(sub)
     _add_demo(sub)
     _add_serve(sub)
     _add_zoo(sub)

@@ -57,6 +57,39 @@ class Run:
             raise PadrecError(f"{self.path / 'sids.json'} does not belong to this run (fingerprint mismatch)")
         return sids
 
+    @classmethod
+    def create_imported(cls, path: Path | str, manifest_path: Path | str, dataset: str) -> "Run":
+        """A run around a user's trained checkpoint as it is (`padrec import-model`, padrec/byo)."""
+        from padrec.byo.adapter import prepare_import
+        from padrec.byo.manifest import ModelManifest
+
+        path = Path(path)
+        if (path / "run.json").exists():
+            raise PadrecError(f"{path} is already a run; import into a new folder")
+        prep = prepare_import(ModelManifest.load(manifest_path), load_dataset(dataset))
+        path.mkdir(parents=True, exist_ok=True)
+        prep.write(path)
+        prep.sids.save(path / "sids.json")
+        info = RunInfo(dataset=dataset, tokenizer={"method": "imported"}, sid_fingerprint=prep.sids.fingerprint(),
+                       max_history=prep.manifest.max_history, extra=prep.extra)
+        atomic_write_text(path / "run.json", json.dumps(info.__dict__, indent=2))
+        return cls(path)
+
+    @cached_property
+    def imported(self):
+        """The imported checkpoint behind this run (padrec.byo.adapter.ImportedModel), or None for a padrec-trained
+        target."""
+        if "imported" not in self.info.extra:
+            return None
+        from padrec.byo.adapter import ImportedModel
+
+        return ImportedModel(self.path, self.info.extra["imported"], lambda: self.dataset.items)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the target's embedding: the SID vocabulary, or an imported model's whole vocabulary (renamed)."""
+        return self.imported.vocab_size if self.imported is not None else self.sids.vocab.size
+
     @cached_property
     def dataset(self) -> Dataset:
         ds = load_dataset(self.info.dataset)
@@ -67,7 +100,10 @@ class Run:
         return ds
 
     def prompt(self, history) -> list[int]:
-        """The prompt of a history (dense item ids, oldest first): its last `max_history` items as tokens."""
+        """The prompt of a history (dense item ids, oldest first): its last `max_history` items as tokens (for an
+        imported model, its own template around them)."""
+        if self.imported is not None:
+            return self.imported.renderer.dense_ids(history)
         return items_to_tokens(list(history)[-self.info.max_history:], self.sids)
 
     @property
@@ -80,11 +116,14 @@ class Run:
 
     def checkpoint_identity(self) -> dict:
         """Metadata a target checkpoint must carry to be used with this run."""
-        return {"sid_fingerprint": self.info.sid_fingerprint, "vocab_size": self.sids.vocab.size}
+        return {"sid_fingerprint": self.info.sid_fingerprint, "vocab_size": self.vocab_size}
 
     def load_target(self, device: str | None = None):
         from padrec.models.checkpoint import load_checkpoint
 
+        if self.imported is not None:
+            model = self.imported.load_target()
+            return model if device is None else model.to(device)
         if not self.target_dir.exists():
             raise PadrecError(f"run {self.path} has no trained target yet; run `padrec train-target --run {self.path}`")
         model, _ = load_checkpoint(self.target_dir, expect=self.checkpoint_identity())

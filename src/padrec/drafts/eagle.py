@@ -35,6 +35,7 @@ class _SessionState(DraftSession):
         self._spec_depth: list[int] = []
         self.last_run = 0  # run length of SID tokens ending at the last committed token
         self._spec_run: list[int] = []  # ... and at each speculative node
+        self._sid_end = getattr(model, "sid_end", None)  # PAD-Rec on an imported model: text ids are not SIDs
 
     @property
     def num_speculative(self) -> int:
@@ -64,7 +65,7 @@ class _SessionState(DraftSession):
         """Slots of committed tokens, advancing the committed run length."""
         slots, run = [], self.last_run
         for t in tokens:
-            run = next_run(run, int(t))
+            run = next_run(run, int(t), self._sid_end)
             slots.append(slot_of(run, int(t), self.model.levels))
         self.last_run = run
         return slots
@@ -140,11 +141,11 @@ class ReferenceEagleSession(_SessionState):
             if p == -1:
                 feats.append(self.last_feature)
                 ancs.append([base + j])
-                runs.append(next_run(self.last_run, int(tokens[j])))
+                runs.append(next_run(self.last_run, int(tokens[j]), self._sid_end))
             else:
                 feats.append(self._spec_feat[p])
                 ancs.append(self._spec_anc[p] + [base + j])
-                runs.append(next_run(self._spec_run[p], int(tokens[j])))
+                runs.append(next_run(self._spec_run[p], int(tokens[j]), self._sid_end))
         C = self.n_committed
         dtype, dev = self.model.fc.weight.dtype, self.model.fc.weight.device
         mask = torch.full((1, 1, k, C + base + k), torch.finfo(dtype).min, dtype=dtype)
@@ -294,13 +295,13 @@ class EagleSession(_SessionState):
                 ancs.append([base + j])
                 chain.append(base + j == 0)
                 if track_runs:
-                    runs.append(next_run(self.last_run, toks[j]))
+                    runs.append(next_run(self.last_run, toks[j], self._sid_end))
             else:
                 feats.append(self._spec_feat[p])
                 ancs.append(self._spec_anc[p] + [base + j])
                 chain.append(p == base + j - 1 and self._spec_chain[p])
                 if track_runs:
-                    runs.append(next_run(self._spec_run[p], toks[j]))
+                    runs.append(next_run(self._spec_run[p], toks[j], self._sid_end))
         C = self.n_committed
         same_depth = all(x == deps[0] for x in deps)
         f = feats[0][None] if k == 1 else torch.stack(feats)

@@ -60,7 +60,7 @@ def unrolled_features(model, input_ids: torch.Tensor, features: torch.Tensor, at
     (zero before BOS), as in `EagleDraftModel.forward`."""
     B, T = input_ids.shape
     pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    slots = slots_of(input_ids, model.levels) if model.needs_slots else None
+    slots = slots_of(input_ids, model.levels, model.sid_end) if model.needs_slots else None
     cache = DynamicCache()
     outs, feats = [], features
     for j in range(1, steps + 1):

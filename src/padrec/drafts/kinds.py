@@ -25,26 +25,28 @@ from padrec.drafts.padrec import PadRecDraftModel, PositionConfig
 class DraftKind:
     name: str
     features: bool  # an EAGLE-style head on the target's features (warm starts, unrolled validation)
-    new: Callable  # (target, vocab_size, cfg, levels) -> (module, model_config for draft.json)
+    new: Callable  # (target, vocab_size, cfg, sid_vocab) -> (module, model_config for draft.json)
     rebuild: Callable  # model_config -> an untrained module of that architecture
     wrap: Callable[..., Draft]  # (module, name) -> the inference `Draft`
     loss: Callable  # (model, batch, H, target logits, cfg, steps) -> (loss, draft logits per step)
     unrolled: Callable[[object], int] = lambda cfg: 1  # training steps, from the training config
 
 
-def _new_eagle(target, vocab_size, cfg, levels):
+def _new_eagle(target, vocab_size, cfg, sid_vocab):
     model = EagleDraftModel.from_target(target, cfg.eagle_intermediate, cfg.freeze_embed, seed=cfg.seed)
     return model, model.model_config()
 
 
-def _new_padrec(target, vocab_size, cfg, levels):
-    position = PositionConfig(levels=levels, ipe=cfg.ipe, spe=cfg.spe, gate=cfg.gate, learn_alpha=cfg.learn_alpha,
-                              trained_depths=cfg.steps)
+def _new_padrec(target, vocab_size, cfg, sid_vocab):
+    # an imported model's vocabulary goes on past its SID tokens (its text): they end at sid_vocab.size
+    sid_end = sid_vocab.size if vocab_size > sid_vocab.size else None
+    position = PositionConfig(levels=sid_vocab.levels, ipe=cfg.ipe, spe=cfg.spe, gate=cfg.gate,
+                              learn_alpha=cfg.learn_alpha, trained_depths=cfg.steps, sid_end=sid_end)
     model = PadRecDraftModel.from_target(target, position, cfg.eagle_intermediate, cfg.freeze_embed, seed=cfg.seed)
     return model, model.model_config()
 
 
-def _new_lm(target, vocab_size, cfg, levels):
+def _new_lm(target, vocab_size, cfg, sid_vocab):
     mc = LMDraftConfig(vocab_size, cfg.lm_layers, cfg.lm_hidden, cfg.lm_heads, cfg.lm_intermediate)
     return build_lm_draft(mc, seed=cfg.seed), mc.to_dict()
 

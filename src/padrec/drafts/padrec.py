@@ -34,6 +34,7 @@ class PositionConfig:
     gate: bool = True  # admit the SPE through σ(W_g h + b_g); False = plain addition
     learn_alpha: bool = True  # False = α fixed at 1
     trained_depths: int = 1  # depths 0..trained_depths-1 were seen in training (the unrolled steps)
+    sid_end: int | None = None  # SID token ids end here (an imported model's text follows; slots.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +165,10 @@ class PadRecDraftModel(EagleDraftModel):
     @property
     def levels(self) -> int:
         return self.position.cfg.levels
+
+    @property
+    def sid_end(self) -> int | None:
+        return self.position.cfg.sid_end
 
     @classmethod
     def from_target(cls, target, position: PositionConfig, intermediate_size: int | None = None,

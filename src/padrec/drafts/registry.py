@@ -72,7 +72,7 @@ def target_identity(run) -> dict:
     text_cfg = config.get("text_config", config)
     return {
         "sid_fingerprint": run.info.sid_fingerprint,
-        "vocab_size": run.sids.vocab.size,
+        "vocab_size": run.vocab_size,
         "target_hidden_size": text_cfg.get("hidden_size"),
         "target_hash": hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16],
     }

@@ -185,7 +185,7 @@ def _resume_draft(run, cfg: DraftTrainConfig, identity: dict, resume: bool, targ
     """(model, model_config, started_from, Resumed): the interrupted training's last state, or a new draft."""
     last_path = last_dir(run, cfg.draft_name)
     if not (resume and (last_path / "train_state.pt").is_file()):
-        model, model_config = DRAFT_KINDS[cfg.kind].new(target, identity["vocab_size"], cfg, run.sids.vocab.levels)
+        model, model_config = DRAFT_KINDS[cfg.kind].new(target, identity["vocab_size"], cfg, run.sids.vocab)
         started_from = _warm_start(run, model, cfg.init_from, identity) if cfg.init_from is not None else None
         return model, model_config, started_from, Resumed()
     meta = read_draft_meta(last_path)

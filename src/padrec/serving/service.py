@@ -269,7 +269,7 @@ class RecommendService:
             drafts=self.drafts,
             default_draft=self.default_draft,
             sid_scheme=dict(self.run.info.tokenizer),
-            vocab_size=self.run.sids.vocab.size,
+            vocab_size=self.run.vocab_size,
             prompt_history=self.run.info.max_history,
             max_history=self.settings.max_history,
             max_k=self.k_limit,

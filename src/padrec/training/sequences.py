@@ -8,7 +8,7 @@ import torch
 
 from padrec import PadrecError
 from padrec.tokenizer.semantic_ids import SemanticIDs, items_to_tokens
-from padrec.tokenizer.vocab import PAD
+from padrec.tokenizer.vocab import PAD, SEP
 
 IGNORE = -100
 
@@ -59,6 +59,21 @@ def next_item_example(history, target: int, sids: SemanticIDs) -> tuple[list[int
     return lm_example(items, sids, loss_from_item=len(history))
 
 
+def prompt_example(prompt: list[int], item_tokens) -> tuple[list[int], list[int]]:
+    """A prompt (an imported model's own template around the history) and the next item's SID tokens + SEP; loss on
+    the SID tokens only, as in `lm_example`."""
+    ids = list(prompt) + list(item_tokens) + [SEP]
+    labels = [IGNORE] * len(prompt) + list(item_tokens) + [IGNORE]
+    return ids, labels
+
+
+def imported_examples(run, sequences) -> list[tuple[list[int], list[int]]]:
+    """Every next item of every sequence after the first, from the history before it, in the model's template: what
+    an imported model (LC-Rec, MiniOneRec) saw at training, one item per prompt."""
+    return [prompt_example(run.prompt(seq[:t]), run.sids.item_tokens(seq[t]))
+            for seq in sequences for t in range(1, len(seq))]
+
+
 def collate(examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
     """Right-padded batch (training never uses a KV cache, so right padding is fine)."""
     n = max(len(ids) for ids, _ in examples)
@@ -90,6 +105,13 @@ def run_examples(run, max_valid_cases: int, seed: int):
     """Training examples (each user's training items in windows, loss on SID tokens) and validation examples
     (a sample of validation users: history -> first validation item) of a run; used by every trainer."""
     ds, sids = run.dataset, run.sids
+    if run.imported is not None:
+        train = imported_examples(run, ds.train_sequences())
+        valid = [prompt_example(run.prompt(c.history), sids.item_tokens(t))
+                 for c in valid_cases(run, max_valid_cases, seed) for t in c.targets[:1]]
+        if not train:
+            raise PadrecError(f"dataset {ds.name!r} has no training sequence of two items or more")
+        return train, valid
     windows = training_windows(ds.train_sequences(), run.info.max_history + 1)
     if not windows:
         raise PadrecError(f"dataset {ds.name!r} has no training sequences")

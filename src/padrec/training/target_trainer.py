@@ -207,6 +207,9 @@ def train_target(run: Run, cfg: TrainConfig, resume: bool = True, progress: bool
     its shard of each; the result equals a 1-process run with the same batch size up to float rounding. Rank 0
     alone writes checkpoints and the history and prints progress; the other ranks wait for it at a barrier.
     """
+    if run.imported is not None:
+        raise PadrecError(f"run {run.path}'s target is an imported checkpoint ({run.imported.manifest.model_dir}); "
+                          "padrec does not retrain it. Train drafts for it with `padrec train-draft`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.base_model:
