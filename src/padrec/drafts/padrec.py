@@ -37,7 +37,10 @@ class PositionConfig:
     sid_end: int | None = None  # SID token ids end here (an imported model's text follows; slots.py)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["sid_end"] is None:  # a padrec-trained vocabulary: recorded as before sid_end existed
+            del d["sid_end"]
+        return d
 
     @property
     def parts(self) -> str:
